@@ -1,0 +1,96 @@
+"""Subnet constructors: functions ``f(c_in, c_out) -> nn.Module`` that coupling blocks call.
+
+Coupling blocks never fix their subnets; they take a constructor, as FrEIA does, so one block serves
+every paper. The subnets here predict the log-scale and shift of a coupling from its passive half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from flowlib.coupling import SubnetConstructor
+
+
+def conv_subnet(kernel_size: int = 3, hidden_ratio: float = 1.0) -> SubnetConstructor:
+    """Conv(k) → ReLU → Conv(k) with ``hidden = int(c_in · hidden_ratio)`` ("same" zero padding).
+
+    FastFlow's subnet (ratio 1.0 for ResNets, 0.16 for the vision transformers).
+    Input ``(B, c_in, H, W)`` → output ``(B, c_out, H, W)``.
+    """
+
+    def make(c_in: int, c_out: int) -> nn.Module:
+        hidden = max(1, int(c_in * hidden_ratio))
+        pad = kernel_size // 2
+        return nn.Sequential(
+            nn.Conv2d(c_in, hidden, kernel_size, padding=pad),
+            nn.ReLU(),
+            nn.Conv2d(hidden, c_out, kernel_size, padding=pad),
+        )
+
+    return make
+
+
+def alternating_kernels(n_steps: int, kernels: Sequence[int] = (3, 1)) -> list[int]:
+    """Kernel size of each flow step when they alternate (FastFlow: 3, 1, 3, 1, ...)."""
+    return [kernels[i % len(kernels)] for i in range(n_steps)]
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` map (applied per position)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_ln_subnet(kernel_size: int = 3) -> SubnetConstructor:
+    """Conv(k, c_in→c_in) → LayerNorm(channels) → ReLU → Conv(k, c_in→c_out): MSFlow's subnet."""
+
+    def make(c_in: int, c_out: int) -> nn.Module:
+        pad = kernel_size // 2
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_in, kernel_size, padding=pad),
+            ChannelLayerNorm(c_in),
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_out, kernel_size, padding=pad),
+        )
+
+    return make
+
+
+def mlp_subnet(hidden_ratio: float = 2.0) -> SubnetConstructor:
+    """Linear(c_in → hidden) → ReLU → Linear(hidden → c_out), ``hidden = int(c_in · ratio)``.
+
+    The per-position subnet of CFLOW-AD and HGAD; input ``(N, c_in)`` → ``(N, c_out)``.
+    """
+
+    def make(c_in: int, c_out: int) -> nn.Module:
+        hidden = max(1, int(c_in * hidden_ratio))
+        return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, c_out))
+
+    return make
+
+
+class PerScale(nn.Module):
+    """Applies one independent subnet per scale to a list of tensors (no cross-scale exchange)."""
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        return [net(x) for net, x in zip(self.nets, xs)]
+
+
+def per_scale_subnet(constructor: SubnetConstructor) -> Callable[[list[int], list[int]], nn.Module]:
+    """Lift a single-tensor constructor to the list form used by multi-scale couplings."""
+
+    def make(c_in: list[int], c_out: list[int]) -> nn.Module:
+        return PerScale([constructor(i, o) for i, o in zip(c_in, c_out)])
+
+    return make
