@@ -167,7 +167,10 @@ def available_methods() -> list[str]:
 
 
 def method_spec(name: str) -> MethodSpec:
-    _import_builtin_methods()
+    if name not in _REGISTRY:
+        _import_builtin_methods(only=name)
+    if name not in _REGISTRY:
+        _import_builtin_methods()
     if name not in _REGISTRY:
         raise KeyError(f"Unknown method {name!r}; available: {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
@@ -202,13 +205,14 @@ def config_from_dict(name: str, values: dict[str, Any]) -> MethodConfig:
                               for k, v in values.items() if k in known})
 
 
-def _import_builtin_methods() -> None:
-    """Import the method modules so that their ``@register_method`` decorators run."""
+def _import_builtin_methods(only: str | None = None) -> None:
+    """Import the method modules (or just ``only``) so that their ``@register_method`` decorators run."""
     import importlib
     import pkgutil
 
     import flowlib.models as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in {"base"}:
-            importlib.import_module(f"flowlib.models.{info.name}")
+    names = [info.name for info in pkgutil.iter_modules(pkg.__path__) if info.name != "base"]
+    for name in names:
+        if only is None or name == only:
+            importlib.import_module(f"flowlib.models.{name}")
