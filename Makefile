@@ -34,3 +34,15 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+## Speed benchmark, kept out of `make test`: every method's speed, memory and FLOPs, side by side with
+## anomalib's FastFlow and CS-Flow (installed into their own venv on first use). Writes
+## benchmarks/results/bench_<device>.{json,md}; about an hour on 2 busy CPU cores. Options: BENCH_ARGS=...
+BENCH_VENV := benchmarks/.venv-anomalib
+.PHONY: bench
+$(BENCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet anomalib==2.7.0
+
+bench: $(STAMP) $(BENCH_VENV)/bin/python
+	$(PY) benchmarks/run.py $(BENCH_ARGS)

@@ -7,10 +7,10 @@
 * :func:`run` does all of it for a registered method on a dataset, one model per category (or one
   unified model for methods like HGAD), and writes one JSON result per category.
 
-Example (the reference method on one built-in category; a few seconds on a CPU)::
+Example (the reference method on one built-in category; under a minute on a CPU)::
 
     >>> from flowlib.engine import run
-    >>> records = run("gaussian", dataset="demo", categories="brick", preset="quick", out=tmp)  # doctest: +SKIP
+    records = run("gaussian", dataset="demo", categories="brick", preset="quick", out="results/")
 """
 
 from __future__ import annotations
@@ -273,7 +273,10 @@ def _metric_keys() -> tuple[str, ...]:
 
 
 def _metrics(labels: Tensor, scores: Tensor, masks: Tensor, maps: Tensor) -> dict[str, float]:
-    values = M.compute_metrics(labels.numpy(), scores.numpy(), masks.numpy(), maps.numpy())
+    """Image metrics always; pixel metrics only when the set has ground-truth defect pixels."""
+    has_masks = bool(masks.any())
+    values = M.compute_metrics(labels.numpy(), scores.numpy(), masks.numpy() if has_masks else None,
+                               maps.numpy() if has_masks else None)
     return {k: float(values[k]) for k in _metric_keys() if k in values}
 
 
@@ -343,7 +346,8 @@ def run(method: str, *, dataset: str = "demo", categories: str | Sequence[str] |
         test = test_sets[0] if len(group) == 1 else MultiCategoryDataset(test_sets)
         t0 = time.perf_counter()
         if cfg.cache_features:
-            train = extract_features(model, train, cfg.batch_size, device_t, progress, desc="caching features")
+            train = extract_features(model, train, cfg.batch_size, device_t, progress,
+                                     desc="caching features")
         if cfg.eval_every and cfg.cache_features:
             test = extract_features(model, test, cfg.batch_size, device_t, progress, desc="caching test")
         history = fit(model, train, device=device_t, seed=seed, eval_set=test, eval_every=cfg.eval_every,
@@ -352,14 +356,15 @@ def run(method: str, *, dataset: str = "demo", categories: str | Sequence[str] |
         result = evaluate(model, test, device=device_t, progress=progress)
         label = "+".join(group) if len(group) > 1 else group[0]
         if checkpoint_dir is not None:
-            extra = {"categories": group, "dataset": dataset, "seed": seed,
-                     "image_threshold": {c: M.best_f1(result.labels[[i for i, x in enumerate(result.categories)
-                                                                     if x == c]].numpy(),
-                                                      result.scores[[i for i, x in enumerate(result.categories)
-                                                                     if x == c]].numpy())[1]
-                                         for c in group}}
-            save_checkpoint(model, Path(checkpoint_dir) / method / dataset / f"{label}_{preset}_seed{seed}.pt",
-                            extra)
+            thresholds = {}
+            for cat in group:
+                idx = [i for i, x in enumerate(result.categories) if x == cat]
+                thresholds[cat] = M.threshold_at_best_f1(result.labels[idx].numpy(),
+                                                         result.scores[idx].numpy())
+            extra = {"categories": group, "dataset": dataset, "seed": seed, "image_threshold": thresholds,
+                     "image_threshold_source": "best F1 on the test set of this run"}
+            name = f"{label}_{preset}_seed{seed}.pt"
+            save_checkpoint(model, Path(checkpoint_dir) / method / dataset / name, extra)
         for cat in group:
             record = {
                 "method": method, "dataset": dataset, "category": cat, "preset": preset, "seed": seed,

@@ -42,8 +42,8 @@ Example:
     >>> terms = prior.losses(z, log_det, y, intra=True)
     >>> sorted(terms), tuple(terms["L_g"].shape)
     (['L_e', 'L_g', 'L_g_intra', 'L_mi', 'L_z'], ())
-    >>> float(total_loss(terms, lambda1=1.0, lambda2=100.0, intra=True)) == float(
-    ...     terms["L_g"] - 100 * terms["L_mi"] + terms["L_e"] + terms["L_g_intra"] + terms["L_z"])
+    >>> loss = total_loss(terms, lambda1=1.0, lambda2=100.0, intra=True)
+    >>> bool(loss == terms["L_g"] - 100 * terms["L_mi"] + terms["L_e"] + terms["L_g_intra"] + terms["L_z"])
     True
 """
 
@@ -72,7 +72,7 @@ def init_class_centres(n_classes: int, dim: int) -> Tensor:
     Example:
         >>> mu = init_class_centres(3, 7)
         >>> tuple(mu.shape), round(float(mu[0, 0]), 4), float(mu[0, 1]), float(mu[0, 6])
-        ((3, 7), 1.9365, 0.0, 0.0)
+        ((3, 7), 2.5, 0.0, 0.0)
     """
     if dim < n_classes:
         raise ValueError(f"The class centres need dim >= n_classes; got dim={dim}, n_classes={n_classes}. "

@@ -19,7 +19,7 @@ from flowlib.results import category_table, load_results, metrics_table
 def gaussian_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     ckpt = tmp_path_factory.mktemp("ckpt")
-    records = engine.run("gaussian", dataset="demo", categories="brick", preset="quick", seed=0, out=out,
+    records = engine.run("gaussian", dataset="demo", categories="coffee", preset="quick", seed=0, out=out,
                          checkpoint_dir=ckpt, progress=False, keep_results=True)
     return out, ckpt, records
 
@@ -28,7 +28,7 @@ def test_run_writes_one_json_per_category_with_device_time_and_config(gaussian_r
     out, _, records = gaussian_run
     assert len(records) == 1
     saved = json.loads(open(records[0]["_path"]).read())
-    assert saved["method"] == "gaussian" and saved["category"] == "brick" and saved["preset"] == "quick"
+    assert saved["method"] == "gaussian" and saved["category"] == "coffee" and saved["preset"] == "quick"
     assert saved["device"].startswith("cpu")
     assert saved["timing"]["train_seconds_total"] > 0
     assert saved["config"]["backbone"] == "efficientnet_lite0"
@@ -54,7 +54,7 @@ def test_tables_from_results(gaussian_run):
     out = gaussian_run[0]
     records = load_results(out)
     table = category_table(records, "image_auroc")
-    assert "| Image AUROC | Average | brick |" in table and "Ours: gaussian" in table
+    assert "| Image AUROC | Average | coffee |" in table and "Ours: gaussian" in table
     auroc = records[0]["metrics"]["image_auroc"]
     assert f"{100 * auroc:.1f}" in table
     assert "**mean**" in metrics_table(records)
@@ -64,7 +64,7 @@ def test_checkpoint_round_trip_gives_identical_maps(gaussian_run, tmp_path):
     _, ckpt, records = gaussian_run
     path = next(ckpt.rglob("*.pt"))
     model, extra = load_checkpoint(path)
-    assert extra["categories"] == ["brick"] and "image_threshold" in extra
+    assert extra["categories"] == ["coffee"] and "image_threshold" in extra
     x = torch.rand(2, 3, 128, 128)
     maps1, scores1 = model.predict(model.extract(x), (128, 128))
     model2, _ = load_checkpoint(path)
@@ -124,7 +124,7 @@ def test_cli_table_and_predict(gaussian_run, tmp_path, capsys):
     assert "Ours: gaussian" in capsys.readouterr().out
     from flowlib.data import load_dataset
 
-    sample = load_dataset("demo", "brick", "test", image_size=128)[0]
+    sample = load_dataset("demo", "coffee", "test", image_size=128)[0]
     assert cli(["predict", str(next(ckpt.rglob("*.pt"))), sample["path"], "--out", str(tmp_path)]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(scores) == 1 and np.isfinite(scores[0]["score"]) and "defective" in scores[0]

@@ -246,8 +246,9 @@ class AnomalyDataset(Dataset):
 
     def __repr__(self) -> str:
         n_bad = sum(self.labels)
-        return (f"{type(self).__name__}(name={self.name!r}, category={self.category!r}, split={self.split!r}, "
-                f"n={len(self)}, good={len(self) - n_bad}, defective={n_bad}, image_size={self.size})")
+        return (f"{type(self).__name__}(name={self.name!r}, category={self.category!r}, "
+                f"split={self.split!r}, n={len(self)}, good={len(self) - n_bad}, defective={n_bad}, "
+                f"image_size={self.size})")
 
 
 class MultiCategoryDataset(ConcatDataset):
@@ -269,7 +270,8 @@ class MultiCategoryDataset(ConcatDataset):
         super().__init__(datasets)
         names = [getattr(d, "category", str(i)) for i, d in enumerate(datasets)]
         if len(set(names)) != len(names):
-            names = [f"{getattr(d, 'name', '') or i}/{n}" for i, (d, n) in enumerate(zip(datasets, names))]
+            names = [f"{getattr(d, 'name', '') or i}/{n}"
+                     for i, (d, n) in enumerate(zip(datasets, names, strict=True))]
         if len(set(names)) != len(names):
             raise ValueError(f"Two source datasets have the same name: {names}.")
         self.categories = names

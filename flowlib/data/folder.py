@@ -100,4 +100,5 @@ def load_folder(category: str | None, split: str, root: str | os.PathLike | None
     base = resolve_root(root, DEFAULT_SUBDIR, marker=category)
     path = category_dir(base, category)
     name = category if category is not None else path.name
-    return AnomalyDataset(folder_records(path, split), name, image_size, name="folder", split=split, root=base)
+    records = folder_records(path, split)
+    return AnomalyDataset(records, name, image_size, name="folder", split=split, root=base)

@@ -96,7 +96,8 @@ def visa_records(root: Path, category: str, split: str, split_file: str = SPLIT_
         records.append(Record(image, root / rel_mask, 1, names.get(rel_image, "anomaly")))
 
     if not records:
-        raise DatasetNotFoundError(f"VisA split file '{csv_path}' lists no '{split}' images for '{category}'.")
+        raise DatasetNotFoundError(f"VisA split file '{csv_path}' lists no '{split}' images "
+                                   f"for '{category}'.")
     missing = [p for r in records for p in (r.image, r.mask) if p is not None and not p.is_file()]
     if missing:
         raise DatasetNotFoundError(

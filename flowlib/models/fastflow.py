@@ -30,7 +30,6 @@ Example (no weights needed):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -157,13 +156,12 @@ class FastFlow(AnomalyModel):
     def __init__(self, config: FastFlowConfig) -> None:
         super().__init__(config)
         layers = list(config.layers) if config.layers is not None else None
-        self.backbone = FeatureExtractor(config.backbone, layers=layers, pretrained=config.pretrained)
+        self.backbone = FeatureExtractor(config.backbone, layers=layers, pretrained=config.pretrained,
+                                         input_size=config.input_size)
         channels = list(self.backbone.channels)
-        # "same"-padded convolutions and patch embeddings give ceil(S / stride) positions per side
-        self.feature_sizes = [math.ceil(config.input_size / s) for s in self.backbone.strides]
+        self.feature_shapes = self.backbone.feature_shapes(config.input_size)
         self.norms = nn.ModuleList(
-            nn.LayerNorm([c, h, h]) if config.layer_norm else nn.Identity()
-            for c, h in zip(channels, self.feature_sizes)
+            nn.LayerNorm(list(shape)) if config.layer_norm else nn.Identity() for shape in self.feature_shapes
         )
         generator = torch.Generator().manual_seed(config.flow_seed)
         self.flows = nn.ModuleList(

@@ -26,8 +26,8 @@ class GaussianConfig(MethodConfig):
 
 
 PRESETS = {
-    "quick": GaussianConfig(backbone="efficientnet_lite0", input_size=128, layers=(2, 3), epochs=30,
-                            batch_size=32, lr=5e-2),
+    "quick": GaussianConfig(backbone="efficientnet_lite0", input_size=128, layers=(2, 3), epochs=40,
+                            batch_size=8, lr=5e-2),
     "paper": GaussianConfig(backbone="wide_resnet50_2", input_size=256, layers=(1, 2, 3), epochs=30,
                             batch_size=32, lr=5e-2),
 }

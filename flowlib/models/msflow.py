@@ -158,8 +158,13 @@ class MSFlow(AnomalyModel):
         """Pooled backbone maps ``[(B, C_l, H_l, W_l)]`` from images ``(B, 3, S, S)`` in [0, 1]."""
         return [self.pool(f) for f in self.backbone(images)]
 
-    def condition(self, feature: Tensor) -> Tensor:
-        """The positional encoding ``(1, cond_channels, H, W)`` for a feature map ``(B, C, H, W)``."""
+    def condition(self, feature: Tensor) -> Tensor | None:
+        """The positional encoding ``(1, cond_channels, H, W)`` for a feature map ``(B, C, H, W)``.
+
+        ``None`` when ``cond_channels == 0`` (an unconditional ablation).
+        """
+        if self.config.cond_channels == 0:
+            return None
         h, w = feature.shape[-2:]
         pe = positional_encoding_2d(self.config.cond_channels, h, w, device=feature.device,
                                     dtype=feature.dtype)

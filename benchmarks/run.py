@@ -1,0 +1,666 @@
+"""Speed, memory and FLOPs of every flowlib method, and of anomalib's FastFlow and CS-Flow beside them.
+
+Usage (from the repository root; ``make bench`` runs the first line)::
+
+    .venv/bin/python benchmarks/run.py                                  # everything, CPU
+    .venv/bin/python benchmarks/run.py --methods fastflow --presets quick --no-peers
+    .venv/bin/python benchmarks/run.py --device cuda --threads 0        # on a GPU machine
+
+What is measured, per method and preset (the models are built with ``pretrained=False``: speed does
+not depend on the weights, and nothing has to be downloaded):
+
+* ``infer``: inference latency per image at batch 1, and throughput at batch 16, split into the frozen
+  backbone (``model.extract``) and the flow head with its scoring (``model.predict``);
+* ``train_live``: training images/s when every step runs the backbone (``extract`` + ``loss`` +
+  backward + optimiser step), and ``train_cached``: the same step on features computed beforehand
+  (what :func:`flowlib.engine.fit` does with ``cache_features=True``);
+* FLOPs (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products, 2 per
+  multiply-add) of the backbone and of the head, and the FLOP/s each part achieves;
+* peak memory: growth of the resident set during the measurement (CPU), or the CUDA allocator's peak.
+
+Each measurement runs in a fresh process (so peak memory is its own), with one warm-up call, which is
+also the one whose FLOPs are counted, then ``--reps`` timed calls; the median is reported.
+
+The paper presets are built at their real input size; on a CPU they run at batch 1 with
+``--paper-reps`` repetitions (``--skip-paper-training`` leaves out their training steps).
+
+Peers: anomalib's FastFlow (ResNet-18, 256 px) and CS-Flow (EfficientNet-B5, 256 px) run in their own
+virtual environment (``benchmarks/.venv-anomalib``, see the README) through ``anomalib_peers.py``, on
+the same images and batch sizes as flowlib's matching configuration; the report gives time ratios
+flowlib / anomalib (below 1 = flowlib faster). For FastFlow it also loads anomalib's weights into
+flowlib's model and compares the anomaly maps and the loss.
+
+Results: ``--out`` (default ``benchmarks/results``) gets ``bench_<device>.json`` and ``bench_<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+from timing import (  # noqa: E402
+    PeakMemory,
+    count_flops,
+    emit,
+    load_average,
+    machine_info,
+    parse_result,
+    set_threads,
+    stamp,
+    summary,
+    time_calls,
+)
+
+DEFAULT_METHODS = ("fastflow", "csflow", "msflow", "hgad")
+ANOMALIB_PYTHON = HERE / ".venv-anomalib" / "bin" / "python"
+
+#: flowlib's configuration that does the same computation as anomalib's default model, and anomalib's
+#: constructor arguments. Batch 8 for training is the reference measurement quoted in the README.
+PEERS: dict[str, dict[str, Any]] = {
+    "fastflow": {
+        "ours": {"method": "fastflow", "preset": "paper-resnet18", "overrides": {"conv3x3_only": False}},
+        "anomalib": {"method": "fastflow", "backbone": "resnet18", "input_size": 256, "flow_steps": 8,
+                     "conv3x3_only": False, "hidden_ratio": 1.0},
+        "label": "FastFlow, ResNet-18, 256 px, 8 steps, 3×3/1×1 subnets",
+    },
+    "csflow": {
+        "ours": {"method": "csflow", "preset": "paper-256", "overrides": {}},
+        "anomalib": {"method": "csflow", "input_size": 256, "hidden": 1024, "n_coupling_blocks": 4,
+                     "clamp": 3},
+        "label": "CS-Flow, EfficientNet-B5 (blocks.5), 256 px pyramid, 4 blocks, hidden 1024",
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker: one measurement of one flowlib model, in its own process
+# ----------------------------------------------------------------------------------------------------
+
+def _build(spec: dict[str, Any], device: torch.device):
+    from flowlib.config import seed_everything
+    from flowlib.models import build_model
+
+    seed_everything(int(spec.get("seed", 0)))
+    overrides = {"pretrained": False, **spec.get("overrides", {})}
+    model = build_model(spec["method"], spec["preset"], **overrides)
+    return model.to(device)
+
+
+def _images(batch: int, size: int, seed: int) -> torch.Tensor:
+    # the same generator and seed as anomalib_peers.py, so both sides see the same pixels
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _describe(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    backbone = getattr(model, "backbone", None)
+    return {"backbone_name": cfg.backbone, "input_size": int(cfg.input_size),
+            "trainable_parameters": model.num_trainable_parameters(),
+            "backbone_parameters": sum(p.numel() for p in backbone.parameters()) if backbone else 0,
+            "config_batch_size": int(cfg.batch_size)}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement (``infer``, ``train_live``, ``train_cached`` or ``equivalence``) of a flowlib model."""
+    set_threads(spec.get("threads"))
+    device = torch.device(spec.get("device", "cpu"))
+    if spec["kind"] == "equivalence":
+        return fastflow_equivalence(spec, device)
+    model = _build(spec, device)
+    size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
+    x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
+    class_ids = torch.zeros(batch, dtype=torch.long, device=device)
+    result: dict[str, Any] = {"side": "flowlib", "method": spec["method"], "preset": spec["preset"],
+                              "kind": spec["kind"], "batch": batch, "device": str(device), **_describe(model)}
+    if spec["kind"] == "infer":
+        model.eval()
+        with torch.no_grad(), PeakMemory(device) as mem:
+            feats, bb_flops = count_flops(lambda: model.extract(x))
+            _, head_flops = count_flops(lambda: model.predict(feats, (size, size), class_ids))
+            laps = _split_laps(lambda: model.extract(x),
+                               lambda f: model.predict(f, (size, size), class_ids), reps, device)
+        t = summary(*laps["total"])
+        result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
+                      memory=mem.result,
+                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
+        result["ms_per_image"] = 1000 * t["median_s"] / batch
+        result["images_per_s"] = batch / t["median_s"]
+        return result
+    if spec["kind"] in ("train_live", "train_cached"):
+        live = spec["kind"] == "train_live"
+        model.train()
+        optimizer, scheduler = model.configure_optimizers(max(reps + 1, 10))
+        params = model.trainable_parameters()
+        clip = model.config.grad_clip
+        cached = None if live else [f.detach() for f in model.extract(x)]
+
+        def step(feats: list[torch.Tensor]) -> float:
+            loss = model.loss(feats, class_ids)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            return float(loss.detach())
+
+        with PeakMemory(device) as mem:
+            bb_flops = 0
+            if live:
+                feats, bb_flops = count_flops(lambda: model.extract(x))
+            else:
+                feats = cached
+            _, head_flops = count_flops(lambda: step(feats))
+            if live:
+                laps = _split_laps(lambda: model.extract(x), step, reps, device)
+                total = laps["total"]
+                result.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
+            else:
+                total = time_calls(lambda: step(cached), reps, device)
+                result["head"] = summary(*total)
+        t = summary(*total)
+        result.update(total=t, memory=mem.result,
+                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
+        result["images_per_s"] = batch / t["median_s"]
+        result["s_per_step"] = t["median_s"]
+        return result
+    raise ValueError(f"Unknown measurement kind {spec['kind']!r}.")
+
+
+def _split_laps(first, second, reps: int, device: torch.device) -> dict[str, tuple[list[float], list[float]]]:
+    """Time ``second(first())`` ``reps`` times: wall and CPU seconds of each part and of the whole."""
+    laps: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("backbone", "head", "total")}
+    for _ in range(reps):
+        w0, c0 = stamp(device)
+        out = first()
+        w1, c1 = stamp(device)
+        second(out)
+        w2, c2 = stamp(device)
+        for key, (w, c) in (("backbone", (w1 - w0, c1 - c0)), ("head", (w2 - w1, c2 - c1)),
+                            ("total", (w2 - w0, c2 - c0))):
+            laps[key][0].append(w)
+            laps[key][1].append(c)
+    return laps
+
+
+def fastflow_equivalence(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Load anomalib FastFlow's weights (dumped by ``anomalib_peers.py``) into flowlib's and compare.
+
+    Both use FrEIA-0.2 ``AllInOneBlock`` arithmetic; flowlib permutes with an index gather where anomalib
+    multiplies by a permutation matrix, so equal weights must give equal maps up to float rounding.
+    """
+    dump = torch.load(spec["path"], weights_only=False)
+    model = _build(spec, device).eval()
+    state = dump["state_dict"]
+    # backbone: both are timm's resnet18 (features_only in anomalib); match tensors by name suffix
+    bb_target = model.backbone.body.model.state_dict()
+    bb_prefix = "feature_extractor."
+    bb_source = {k[len(bb_prefix):]: v for k, v in state.items() if k.startswith(bb_prefix)}
+    missing = [k for k in bb_target if k not in bb_source]
+    if missing:
+        raise KeyError(f"anomalib's backbone lacks {missing[:5]}...; cannot copy the weights")
+    model.backbone.body.model.load_state_dict({k: bb_source[k] for k in bb_target})
+    for i, norm in enumerate(model.norms):
+        norm.load_state_dict({"weight": state[f"norms.{i}.weight"], "bias": state[f"norms.{i}.bias"]})
+    n_blocks = 0
+    for i, flow in enumerate(model.flows):
+        for j, block in enumerate(flow.blocks):
+            prefix = f"fast_flow_blocks.{i}.module_list.{j}."
+            block.load_freia_block(_FreiaBlockView(state, prefix))
+            n_blocks += 1
+    images = dump["images"].to(device)
+    size = images.shape[-1]
+    with torch.no_grad():
+        feats = model.extract(images)
+        maps, scores = model.predict(feats, (size, size))
+        latents, log_det = model(feats)
+        loss = float(model.loss(feats))
+    ref_map = dump["anomaly_map"][:, 0].to(device)
+    ref_hidden = [h.to(device) for h in dump["hidden"]]
+    ref_log_det = sum(j.to(device) for j in dump["log_jac"])
+    return {
+        "side": "flowlib", "method": "fastflow", "kind": "equivalence", "blocks_copied": n_blocks,
+        "batch": int(images.shape[0]), "input_size": int(size),
+        "max_abs_diff_anomaly_map": float((maps - ref_map).abs().max()),
+        "anomaly_map_range": [float(ref_map.min()), float(ref_map.max())],
+        "max_abs_diff_score": float((scores - dump["pred_score"].reshape(-1).to(device)).abs().max()),
+        "max_rel_diff_latents": max(float((z - r).abs().max() / r.abs().max())
+                                    for z, r in zip(latents, ref_hidden, strict=True)),
+        "max_abs_diff_log_det": float((log_det - ref_log_det).abs().max()),
+        "log_det_scale": float(ref_log_det.abs().max()),
+        "loss_flowlib": loss, "loss_anomalib": dump["loss"],
+    }
+
+
+class _FreiaBlockView:
+    """The attributes :meth:`AllInOneCoupling.load_freia_block` reads, taken from a state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.w_perm = state[prefix + "w_perm"]
+        self.global_scale = state[prefix + "global_scale"]
+        self.global_offset = state[prefix + "global_offset"]
+        head = prefix + "subnet."
+        sub = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+        self.subnet = torch.nn.Module()
+        self.subnet.state_dict = lambda: sub  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Orchestrator
+# ----------------------------------------------------------------------------------------------------
+
+def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float,
+                log: list[str]) -> dict[str, Any]:
+    env = dict(os.environ)
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    env.setdefault("TQDM_DISABLE", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    cmd = [str(python), str(script), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "spec": spec}
+    wall = time.perf_counter() - t0
+    result = parse_result(proc.stdout)
+    if result is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        log.append(f"FAILED {_fmt_s(spec)}: " + " | ".join(tail))
+        return {"error": " | ".join(tail), "spec": spec}
+    result["worker_wall_s"] = round(wall, 1)
+    return result
+
+
+def _fmt_s(spec: dict[str, Any]) -> str:
+    return (f"{spec.get('side', 'flowlib')}:{spec.get('method')}/{spec.get('preset', '-')}"
+            f"/{spec['kind']}/b{spec.get('batch', '-')}")
+
+
+def plan_flowlib(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any]]:
+    """The flowlib measurements to make, skipping (with a message) methods that cannot be imported."""
+    from flowlib.models import get_config
+    from flowlib.models.base import method_spec
+
+    specs = []
+    cpu = args.device == "cpu"
+    for method in args.methods:
+        try:
+            importlib.import_module(f"flowlib.models.{method}")
+            presets = method_spec(method).presets
+        except Exception as err:  # noqa: BLE001 - a method being written must not stop the benchmark
+            log.append(f"skipped {method}: cannot be imported ({type(err).__name__}: {err})")
+            continue
+        for preset in args.presets:
+            if preset not in presets:
+                log.append(f"skipped {method}/{preset}: no such preset (has {sorted(presets)})")
+                continue
+            cfg = get_config(method, preset)
+            large = preset != "quick"
+            reps = args.paper_reps if large else args.reps
+            base = {"side": "flowlib", "method": method, "preset": preset, "reps": reps}
+            infer_batches = [1] if (large and cpu) else [1, args.throughput_batch]
+            for b in infer_batches:
+                specs.append({**base, "kind": "infer", "batch": b})
+            if large and args.skip_paper_training:
+                continue
+            train_batch = 1 if (large and cpu) else int(cfg.batch_size)
+            for kind in ("train_live", "train_cached"):
+                specs.append({**base, "kind": kind, "batch": train_batch})
+    return specs
+
+
+def plan_peers(args: argparse.Namespace, log: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Pairs of (side, spec) for the anomalib comparison."""
+    if args.no_peers:
+        return []
+    python = Path(args.anomalib_python)
+    if not python.exists():
+        log.append(f"skipped the anomalib comparison: {python} does not exist (see benchmarks/README.md to "
+                   "create it, or pass --anomalib-python)")
+        return []
+    out = []
+    for method in args.methods:
+        if method not in PEERS:
+            continue
+        peer = PEERS[method]
+        ours = {"side": "flowlib", **peer["ours"], "reps": args.reps, "group": f"peer:{method}"}
+        theirs = {"side": "anomalib", **peer["anomalib"], "reps": args.reps, "group": f"peer:{method}"}
+        pairs = (("infer", 1), ("infer", args.throughput_batch), ("train_live", args.peer_train_batch))
+        for kind, batch in pairs:
+            out.append(("anomalib", {**theirs, "kind": kind, "batch": batch}))
+            out.append(("flowlib", {**ours, "kind": kind, "batch": batch}))
+        out.append(("flowlib", {**ours, "kind": "train_cached", "batch": args.peer_train_batch}))
+        if method == "fastflow" and not args.no_equivalence:
+            out.append(("anomalib", {**theirs, "kind": "dump", "batch": 2}))
+            out.append(("flowlib", {**ours, "kind": "equivalence", "batch": 2}))
+    return out
+
+
+def _gflops(flops: float) -> float:
+    return flops / 1e9
+
+
+def derive(r: dict[str, Any]) -> None:
+    """Add per-image FLOPs and achieved FLOP/s to a result in place."""
+    if "error" in r or "flops" not in r or r.get("kind") in ("dump", "equivalence"):
+        return
+    b = r["batch"]
+    fl = r["flops"]
+    per = {k: v / b for k, v in fl.items()}
+    r["gflops_per_image"] = {k: round(_gflops(v), 4) for k, v in per.items()}
+    rate = {}
+    if "backbone" in r and fl.get("backbone"):
+        rate["backbone"] = _gflops(fl["backbone"]) / r["backbone"]["median_s"]
+    if "head" in r and fl.get("head") and isinstance(r["head"], dict):
+        rate["head"] = _gflops(fl["head"]) / r["head"]["median_s"]
+    elif r.get("side") == "anomalib" and r["kind"] == "infer" and r.get("head_s_estimate"):
+        rate["head"] = _gflops(fl["head"]) / r["head_s_estimate"]
+    if fl.get("total"):
+        rate["total"] = _gflops(fl["total"]) / r["total"]["median_s"]
+    elif fl.get("train_step"):
+        rate["total"] = _gflops(fl["train_step"]) / r["total"]["median_s"]
+    r["achieved_gflop_per_s"] = {k: round(v, 2) for k, v in rate.items()}
+
+
+def _find(results: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for r in results:
+        if "error" not in r and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _cpu_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+    o, t = ours["total"].get("cpu_median_s"), theirs["total"].get("cpu_median_s")
+    return o / t if o and t else None
+
+
+def compare_peers(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for method in args.methods:
+        if method not in PEERS:
+            continue
+        group = f"peer:{method}"
+        for kind, batch, what in (("infer", 1, "inference latency, batch 1 (s/image)"),
+                                  ("infer", args.throughput_batch,
+                                   f"inference, batch {args.throughput_batch} (s/batch)"),
+                                  ("train_live", args.peer_train_batch,
+                                   f"training step, batch {args.peer_train_batch} (s/step)")):
+            ours = _find(results, group=group, side="flowlib", kind=kind, batch=batch)
+            theirs = _find(results, group=group, side="anomalib", kind=kind, batch=batch)
+            if ours is None or theirs is None:
+                continue
+            o, t = ours["total"]["median_s"], theirs["total"]["median_s"]
+            row = {"method": method, "measurement": what, "kind": kind, "batch": batch,
+                   "flowlib_s": o, "anomalib_s": t, "ratio": o / t,
+                   "ratio_cpu_time": _cpu_ratio(ours, theirs)}
+            if kind == "infer":
+                row["flowlib_head_s"] = ours["head"]["median_s"]
+                row["anomalib_head_s_estimate"] = theirs.get("head_s_estimate")
+                if theirs.get("head_s_estimate"):
+                    row["head_ratio"] = ours["head"]["median_s"] / theirs["head_s_estimate"]
+                row["flowlib_gflops_per_image"] = ours.get("gflops_per_image")
+                row["anomalib_gflops_per_image"] = theirs.get("gflops_per_image")
+            rows.append(row)
+        cached = _find(results, group=group, side="flowlib", kind="train_cached", batch=args.peer_train_batch)
+        theirs = _find(results, group=group, side="anomalib", kind="train_live", batch=args.peer_train_batch)
+        if cached and theirs:
+            o, t = cached["total"]["median_s"], theirs["total"]["median_s"]
+            rows.append({"method": method, "kind": "train_cached", "batch": args.peer_train_batch,
+                         "ratio_cpu_time": _cpu_ratio(cached, theirs),
+                         "measurement": f"training step on cached features vs anomalib's live step, "
+                                        f"batch {args.peer_train_batch} (s/step)",
+                         "flowlib_s": o, "anomalib_s": t, "ratio": o / t})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+def _num(v: float | None, fmt: str = "{:.3g}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        f"# flowlib benchmark ({report['finished'][:10]})",
+        "",
+        f"Machine: {m['cpu_model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
+        f"{m['memory_gb']} GiB; {m.get('gpu', 'no GPU')}; device `{m['device']}`; torch {m['torch']}, "
+        f"Python {m['python']}; torch threads per measurement: {s['threads'] or 'torch default'}.",
+        f"Load average (1/5/15 min) at start {report['load_average_start']}, at end "
+        f"{report['load_average_end']}"
+        + (" — the machine was busy with other work, so times are pessimistic and noisy."
+           if max(report['load_average_start'][0], report['load_average_end'][0]) > 0.5 * m['usable_cores']
+           else "."),
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Models are built without pretrained weights (speed does not depend on them). Medians of "
+        f"{s['reps']} timed calls ({s['paper_reps']} for paper presets) after one warm-up. FLOPs count "
+        "convolutions and matrix products (2 per multiply-add), per image. *bb* = frozen backbone "
+        "(`extract`), *head* = flow + scoring (`predict`) or flow + loss + backward + optimiser step.",
+        "",
+        "## Inference",
+        "",
+        "| method | preset | backbone @ px | trainable params | GFLOPs bb / head (head %) | batch 1: ms/img "
+        "(bb + head) | batch 1: CPU ms/img | batch 16: img/s | achieved GFLOP/s bb / head (batch 1) "
+        "| peak mem MB (b1) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    res = report["results"]
+    keys = []
+    for r in res:
+        if r.get("side") == "flowlib" and "group" not in r and "error" not in r:
+            k = (r["method"], r["preset"])
+            if k not in keys:
+                keys.append(k)
+    for method, preset in keys:
+        b1 = _find(res, side="flowlib", method=method, preset=preset, kind="infer", batch=1, group=None)
+        b16 = _find(res, side="flowlib", method=method, preset=preset, kind="infer",
+                    batch=s["throughput_batch"], group=None)
+        if b1 is None:
+            continue
+        g = b1["gflops_per_image"]
+        share = 100 * g["head"] / g["total"] if g["total"] else 0
+        rate = b1.get("achieved_gflop_per_s", {})
+        lines.append(
+            f"| {method} | {preset} | {b1['backbone_name']} @ {b1['input_size']} | "
+            f"{b1['trainable_parameters']:,} | "
+            f"{g['backbone']:.3g} / {g['head']:.3g} ({share:.0f} %) | "
+            f"{b1['ms_per_image']:.1f} ({1000 * b1['backbone']['median_s']:.1f} + "
+            f"{1000 * b1['head']['median_s']:.1f}) | "
+            f"{_num(1000 * b1['total'].get('cpu_median_s', float('nan')), '{:.1f}')} | "
+            f"{_num(b16['images_per_s'] if b16 else None, '{:.1f}')} | "
+            f"{_num(rate.get('backbone'), '{:.1f}')} / {_num(rate.get('head'), '{:.1f}')} | "
+            f"{b1['memory']['peak_mb']:.0f} |")
+    lines += [
+        "",
+        "## Training",
+        "",
+        "| method | preset | batch | live: img/s (bb + head s/step) | cached: img/s | cached speed-up "
+        "(CPU time) | head training GFLOPs/img | achieved GFLOP/s head (cached) "
+        "| peak mem MB live / cached |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, preset in keys:
+        live = _find(res, side="flowlib", method=method, preset=preset, kind="train_live", group=None)
+        cached = _find(res, side="flowlib", method=method, preset=preset, kind="train_cached", group=None)
+        if live is None and cached is None:
+            continue
+        speed = (cached["images_per_s"] / live["images_per_s"]) if (live and cached) else None
+        cpu_speed = None
+        if live and cached and cached["total"].get("cpu_median_s"):
+            cpu_speed = live["total"]["cpu_median_s"] / cached["total"]["cpu_median_s"]
+        live_txt = (f"{live['images_per_s']:.2f} ({live['backbone']['median_s']:.3f} + "
+                    f"{live['head']['median_s']:.3f})") if live else "–"
+        head_gf = cached["gflops_per_image"]["head"] if cached else None
+        rate = cached.get("achieved_gflop_per_s", {}).get("total") if cached else None
+        mem = (f"{_num(live['memory']['peak_mb'] if live else None, '{:.0f}')} / "
+               f"{_num(cached['memory']['peak_mb'] if cached else None, '{:.0f}')}")
+        batch = (live or cached)["batch"]
+        lines.append(f"| {method} | {preset} | {batch} | {live_txt} | "
+                     f"{_num(cached['images_per_s'] if cached else None, '{:.2f}')} | "
+                     f"{_num(speed, '{:.2f}×')} ({_num(cpu_speed, '{:.2f}×')}) | {_num(head_gf, '{:.3g}')} | "
+                     f"{_num(rate, '{:.1f}')} | "
+                     f"{mem} |")
+    if report["peers"]:
+        lines += ["", "## flowlib vs anomalib (same inputs, same batch, same machine, one run)", ""]
+        for method in dict.fromkeys(p["method"] for p in report["peers"]):
+            lines.append(f"- {PEERS[method]['label']}; anomalib {report.get('anomalib_version', '?')}.")
+        lines += ["", "| method | measurement | flowlib | anomalib | ratio flowlib / anomalib "
+                  "| ratio of CPU time |",
+                  "|---|---|---|---|---|---|"]
+        for p in report["peers"]:
+            lines.append(f"| {p['method']} | {p['measurement']} | {p['flowlib_s']:.3f} | "
+                         f"{p['anomalib_s']:.3f} | "
+                         f"**{p['ratio']:.2f}** | {_num(p.get('ratio_cpu_time'), '{:.2f}')} |")
+        heads = [p for p in report["peers"] if p.get("head_ratio")]
+        if heads:
+            lines += ["", "Flow head alone (anomalib's head = its whole model minus its backbone alone):",
+                      "", "| method | batch | flowlib head s | anomalib head s | ratio "
+                      "| GFLOPs/img head flowlib / anomalib |",
+                      "|---|---|---|---|---|---|"]
+            for p in heads:
+                fg, ag = p.get("flowlib_gflops_per_image") or {}, p.get("anomalib_gflops_per_image") or {}
+                lines.append(f"| {p['method']} | {p['batch']} | {p['flowlib_head_s']:.3f} | "
+                             f"{p['anomalib_head_s_estimate']:.3f} | {p['head_ratio']:.2f} | "
+                             f"{_num(fg.get('head'))} / {_num(ag.get('head'))} |")
+    eq = report.get("equivalence")
+    if eq:
+        lines += ["", "## Same weights, same outputs (FastFlow)", ""]
+        if "error" in eq:
+            lines.append(f"Not checked: {eq['error']}")
+        else:
+            lines.append(
+                f"anomalib FastFlow's weights (backbone, LayerNorms, {eq['blocks_copied']} AllInOne blocks) "
+                f"loaded into flowlib's; on {eq['batch']} random {eq['input_size']} px images the anomaly "
+                f"maps (range {eq['anomaly_map_range'][0]:.3f} … {eq['anomaly_map_range'][1]:.3f}) differ by "
+                f"at most {eq['max_abs_diff_anomaly_map']:.2e}, the latents by "
+                f"{eq['max_rel_diff_latents']:.2e} (relative), "
+                f"the log-determinants by {eq['max_abs_diff_log_det']:.2e} (of {eq['log_det_scale']:.3g}); "
+                f"loss {eq['loss_flowlib']:.6g} (flowlib) vs {eq['loss_anomalib']:.6g} (anomalib).")
+    if report["log"]:
+        lines += ["", "## Notes", ""] + [f"- {x}" for x in report["log"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="flowlib speed benchmark (see the module docstring).")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated methods (default: %(default)s)")
+    parser.add_argument("--presets", default="quick,paper",
+                        help="comma-separated presets (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(HERE / "results"),
+                        help="output folder (default: benchmarks/results)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per measurement (0: torch's default, all cores)")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed calls per measurement (quick presets, peers)")
+    parser.add_argument("--paper-reps", type=int, default=2, help="timed calls for the paper presets")
+    parser.add_argument("--throughput-batch", type=int, default=16)
+    parser.add_argument("--peer-train-batch", type=int, default=8)
+    parser.add_argument("--skip-paper-training", action="store_true",
+                        help="measure only inference for the (large) paper presets")
+    parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
+    parser.add_argument("--no-equivalence", action="store_true", help="leave out the FastFlow weight check")
+    parser.add_argument("--anomalib-python", default=str(ANOMALIB_PYTHON))
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        emit(measure(spec))
+        return 0
+
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    device = torch.device(args.device)
+    common = {"device": args.device, "threads": args.threads, "seed": 0, "input_seed": 1234}
+    log: list[str] = []
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = load_average()
+    plan = [("flowlib", s) for s in plan_flowlib(args, log)] + plan_peers(args, log)
+    for line in log:
+        print(line, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="flowlib-bench-"))
+    results: list[dict[str, Any]] = []
+    equivalence = None
+    anomalib_version = None
+    for i, (side, spec) in enumerate(plan, 1):
+        spec = {**common, **spec}
+        if spec["kind"] in ("dump", "equivalence"):
+            spec["path"] = str(tmp / "anomalib_fastflow.pt")
+            if spec["kind"] == "equivalence" and not Path(spec["path"]).exists():
+                equivalence = {"error": "anomalib's dump failed (see the notes)"}
+                continue
+        python = args.anomalib_python if side == "anomalib" else sys.executable
+        script = HERE / ("anomalib_peers.py" if side == "anomalib" else "run.py")
+        print(f"[{i}/{len(plan)}] {_fmt_s(spec)} ...", end=" ", flush=True)
+        r = _run_worker(python, script, spec, args.threads, args.timeout, log)
+        if "group" in spec and "error" not in r:
+            r["group"] = spec["group"]
+        if "error" in r:
+            print("failed", flush=True)
+        elif spec["kind"] == "equivalence":
+            equivalence = r
+            print(f"max |map diff| {r['max_abs_diff_anomaly_map']:.2e}", flush=True)
+        elif spec["kind"] == "dump":
+            print("ok", flush=True)
+        else:
+            derive(r)
+            print(f"{r['total']['median_s']:.3f} s/call, {r['images_per_s']:.2f} img/s "
+                  f"(load {r['load_average'][0]})", flush=True)
+        anomalib_version = anomalib_version or r.get("anomalib_version")
+        if spec["kind"] not in ("dump", "equivalence"):
+            results.append(r)
+    report = {
+        "command": " ".join(shlex.quote(a) for a in
+                            [".venv/bin/python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+        "anomalib_version": anomalib_version,
+        "results": results,
+        "peers": compare_peers(results, args),
+        "equivalence": equivalence,
+        "log": log,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"bench_{device.type}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
+    print(f"wrote {out / name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Timing, memory and machine helpers shared by both sides of the benchmark.
+
+This module needs only the standard library and torch, so the anomalib side (which runs in its own
+virtual environment, without flowlib) measures exactly the same way as the flowlib side.
+
+Conventions:
+
+* a measurement runs in its own process, so its peak memory is not hidden by an earlier one;
+* CPU peak memory is the growth of the process's resident set during the measurement:
+  ``ru_maxrss`` after it minus the resident set just before it (``tracemalloc`` does not see torch's
+  allocations); on a GPU it is ``torch.cuda.max_memory_allocated`` minus the memory allocated before;
+* one warm-up call (also used to count FLOPs) precedes the timed calls; we report the median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (how busy the machine was; ``os.cpu_count()`` is the full load)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB."""
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def maxrss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Context manager measuring the extra memory a block of code needed at its peak.
+
+    ``result`` holds ``peak_mb`` (growth over the state before the block), ``before_mb`` (resident /
+    allocated before) and, on CPU, ``setup_peak_dominates`` (the process had already been larger while
+    building the model, so ``peak_mb`` is a lower bound).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._before = rss_mb()
+            self._max_before = maxrss_mb()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.result = {"kind": "cuda_allocated", "before_mb": round(self._before, 1),
+                           "peak_mb": round(peak - self._before, 1)}
+        else:
+            after = maxrss_mb()
+            self.result = {"kind": "cpu_rss", "before_mb": round(self._before, 1),
+                           "peak_mb": round(max(after - self._before, 0.0), 1),
+                           "process_peak_mb": round(after, 1),
+                           "setup_peak_dominates": after <= self._max_before}
+
+
+def stamp(device: torch.device) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds now, after waiting for the GPU. CPU time counts every thread of the process."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def time_calls(fn: Callable[[], Any], reps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds taken by each of ``reps`` calls of ``fn`` (synchronised on GPUs)."""
+    wall, cpu = [], []
+    for _ in range(reps):
+        w0, c0 = stamp(device)
+        fn()
+        w1, c1 = stamp(device)
+        wall.append(w1 - w0)
+        cpu.append(c1 - c0)
+    return wall, cpu
+
+
+def summary(wall: list[float], cpu: list[float] | None = None) -> dict[str, float]:
+    """Median and minimum wall time, and the median CPU time (robust to other processes on a busy
+    machine when a measurement uses one thread)."""
+    out = {"median_s": statistics.median(wall), "min_s": min(wall), "reps": len(wall)}
+    if cpu:
+        out["cpu_median_s"] = statistics.median(cpu)
+    return out
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` once under ``FlopCounterMode``; returns its output and the FLOPs (2 per multiply-add).
+
+    Only matrix products and convolutions are counted (what ``FlopCounterMode`` knows); elementwise
+    operations are left out, as in every FLOP figure quoted for these models.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, int(counter.get_total_flops())
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the worker's result as one line the orchestrator can find among other output."""
+    result.setdefault("load_average", load_average())
+    result.setdefault("torch_threads", torch.get_num_threads())
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def parse_result(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None

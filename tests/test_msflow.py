@@ -1,0 +1,205 @@
+"""MSFlow: parallel and fusion flows (invertibility, exact log-dets), the two aggregations on hand-made
+maps, the learning-rate schedule, the paper preset's parameter count and a quick training run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flowlib.aggregation import (
+    detection_map,
+    localisation_map,
+    log_likelihood_map,
+    msflow_scores,
+    top_k_mean,
+)
+from flowlib.fusion import FusionSubnet, fusion_flow
+from flowlib.models.msflow import MSFlowConfig, lr_factor, parallel_flow
+
+
+def _randomize(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
+    """Noise in every parameter, so that no coupling sits near its initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+def _flat(xs: list[Tensor]) -> Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+def _unflat(v: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    out, start = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(v[start:start + n].reshape(1, *s))
+        start += n
+    return out
+
+
+def _brute_log_det(fn, xs: list[Tensor]) -> Tensor:
+    """``log|det J|`` of ``fn`` (list → list) at each sample, from the full autograd Jacobian."""
+    shapes = [tuple(x.shape[1:]) for x in xs]
+    out = []
+    for b in range(xs[0].shape[0]):
+        v = _flat([x[b:b + 1] for x in xs])
+        jac = torch.autograd.functional.jacobian(lambda u: _flat(fn(_unflat(u, shapes))), v)
+        sign, logabs = torch.linalg.slogdet(jac)
+        assert sign != 0
+        out.append(logabs)
+    return torch.stack(out)
+
+
+# -- parallel flow -----------------------------------------------------------------------------------
+
+def test_parallel_flow_inverts_and_log_det_matches_jacobian() -> None:
+    torch.manual_seed(0)
+    flow = _randomize(parallel_flow(6, n_blocks=3, clamp=1.9, cond_channels=4), seed=1).double()
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    cond = torch.randn(1, 4, 4, 3, dtype=torch.float64)
+    z, log_det = flow(x, cond=cond)
+    assert z.shape == x.shape and log_det.shape == (2,)
+    back, log_det_inv = flow(z, cond=cond, reverse=True)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
+    brute = _brute_log_det(lambda xs: [flow(xs[0], cond=cond)[0]], [x])
+    torch.testing.assert_close(log_det, brute, atol=1e-8, rtol=1e-8)
+    assert log_det.abs().min() > 0.1  # a real test: the map is far from volume-preserving
+
+
+def test_parallel_flow_depends_on_the_condition() -> None:
+    torch.manual_seed(0)
+    flow = _randomize(parallel_flow(4, n_blocks=2, cond_channels=4), seed=2)
+    x = torch.randn(1, 4, 3, 3)
+    z1, _ = flow(x, cond=torch.zeros(1, 4, 3, 3))
+    z2, _ = flow(x, cond=torch.ones(1, 4, 3, 3))
+    assert not torch.allclose(z1, z2)
+    with pytest.raises(ValueError, match="cond"):
+        flow(x)
+
+
+# -- fusion flow -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [[4, 6, 8], [4, 5, 3]])
+def test_fusion_flow_inverts_and_log_det_matches_jacobian(channels: list[int]) -> None:
+    torch.manual_seed(0)
+    flow = _randomize(fusion_flow(channels, clamp=1.9), seed=3).double()
+    sizes = [(6, 6), (3, 3), (2, 2)]  # 3 → 2 is not an integer ratio: pooling is adaptive
+    xs = [torch.randn(2, c, *s, dtype=torch.float64) for c, s in zip(channels, sizes)]
+    zs, log_det = flow(xs)
+    assert [z.shape for z in zs] == [x.shape for x in xs] and log_det.shape == (2,)
+    back, log_det_inv = flow(zs, reverse=True)
+    for b, x in zip(back, xs):
+        torch.testing.assert_close(b, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
+    brute = _brute_log_det(lambda v: flow(v)[0], xs)
+    torch.testing.assert_close(log_det, brute, atol=1e-8, rtol=1e-8)
+    assert log_det.abs().min() > 0.1
+
+
+def test_fusion_subnet_exchanges_information_across_scales() -> None:
+    torch.manual_seed(0)
+    net = _randomize(FusionSubnet([2, 3, 4], [4, 6, 8]), seed=4)
+    xs = [torch.randn(1, 2, 8, 8), torch.randn(1, 3, 4, 4), torch.randn(1, 4, 2, 2)]
+    out = net(xs)
+    assert [tuple(o.shape) for o in out] == [(1, 4, 8, 8), (1, 6, 4, 4), (1, 8, 2, 2)]
+    # changing only the coarsest input changes the finest output, and vice versa
+    coarse = [xs[0], xs[1], xs[2] + 1.0]
+    fine = [xs[0] + 1.0, xs[1], xs[2]]
+    assert not torch.allclose(net(coarse)[0], out[0])
+    assert not torch.allclose(net(fine)[2], out[2])
+
+
+def test_fusion_subnet_parameter_count() -> None:
+    # halves 128/256/512 of Wide-ResNet-50: mixing 896 → 224 → 896 (+ LayerNorm), heads s and t per scale
+    net = FusionSubnet([128, 256, 512], [256, 512, 1024])
+    mix = (896 * 224 * 9 + 224) + 2 * 224 + (224 * 896 * 9 + 896)
+    heads = 2 * sum(c * c * 9 + c for c in (128, 256, 512))
+    assert sum(p.numel() for p in net.parameters()) == mix + heads == 9_809_184
+
+
+# -- aggregations ------------------------------------------------------------------------------------
+
+def _two_spot_maps() -> list[Tensor]:
+    """Two scales on a 2×2 grid: position (0, 1) is mildly unlikely at both scales, position (1, 0)
+    is very unlikely at one scale only; (0, 0) and (1, 1) are normal."""
+    fine = torch.tensor([[[0.0, -1.0], [-3.0, 0.0]]])
+    coarse = torch.tensor([[[0.0, -1.0], [0.0, 0.0]]])
+    return [fine, coarse]
+
+
+def test_detection_map_hand_made() -> None:
+    det = detection_map(_two_spot_maps(), (2, 2))
+    # log-likelihood sums: 0, -2, -3, 0 → A_mul = 1 - exp(sum - max)
+    expected = torch.tensor([[[0.0, 1 - math.exp(-2)], [1 - math.exp(-3), 0.0]]])
+    torch.testing.assert_close(det, expected)
+    # the product ranks the single strong response first
+    assert det[0, 1, 0] > det[0, 0, 1]
+    # top-k with k = ⌊4 · 0.5⌋ = 2: mean of the two largest values
+    torch.testing.assert_close(top_k_mean(det, 0.5), torch.tensor([(2 - math.exp(-2) - math.exp(-3)) / 2]))
+    torch.testing.assert_close(top_k_mean(det, 0.25), torch.tensor([1 - math.exp(-3)]))
+
+
+def test_localisation_map_hand_made() -> None:
+    loc = localisation_map(_two_spot_maps(), (2, 2))
+    # per-scale probabilities summed: 2, 2e^-1, 1 + e^-3, 2 → A_add = 2 - sum
+    expected = torch.tensor([[[0.0, 2 - 2 * math.exp(-1)], [1 - math.exp(-3), 0.0]]])
+    torch.testing.assert_close(loc, expected)
+    # the sum ranks the position that is unlikely at both scales first: the opposite of the product
+    assert loc[0, 0, 1] > loc[0, 1, 0]
+
+
+def test_maps_are_normalised_per_image_and_per_scale() -> None:
+    maps = _two_spot_maps()
+    shifted = [maps[0] - 7.0, maps[1] + 2.0]  # a different constant per scale
+    torch.testing.assert_close(localisation_map(shifted, (2, 2)), localisation_map(maps, (2, 2)))
+    torch.testing.assert_close(detection_map(shifted, (2, 2)), detection_map(maps, (2, 2)))
+    batch = [torch.cat([m, m - 5.0]) for m in maps]  # second image: same map, another offset
+    loc = localisation_map(batch, (2, 2))
+    torch.testing.assert_close(loc[0], loc[1])
+
+
+def test_upsampling_is_bilinear_with_aligned_corners() -> None:
+    lp = torch.tensor([[[0.0, -4.0], [0.0, 0.0]]])
+    loc = localisation_map([lp], (3, 3))
+    p = math.exp(-4.0)
+    # align_corners=True keeps the four corners and puts the mean of the 2×2 grid in the centre
+    expected = 1.0 - torch.tensor([[[1.0, (1 + p) / 2, p], [1.0, (3 + p) / 4, (1 + p) / 2],
+                                    [1.0, 1.0, 1.0]]])
+    torch.testing.assert_close(loc, expected)
+    det = detection_map([lp], (3, 3))
+    torch.testing.assert_close(det[0, 1, 1], torch.tensor(1 - math.exp(-1.0)))  # centre log-lik is -1
+
+
+def test_scores_from_latents() -> None:
+    zs = [torch.zeros(2, 4, 8, 8), torch.zeros(2, 8, 4, 4)]
+    zs[0][1, :, 2, 3] = 3.0  # an outlier in the second image only
+    torch.testing.assert_close(log_likelihood_map(zs[0])[1, 2, 3], torch.tensor(-4.5))
+    loc, det, score = msflow_scores(zs, (16, 16), top_k=0.03)
+    assert loc.shape == det.shape == (2, 16, 16) and score.shape == (2,)
+    assert score[0] == 0 and score[1] > 0.1
+    assert det[1].argmax() == loc[1].argmax()
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_mean(det, 3.0)
+
+
+# -- learning-rate schedule --------------------------------------------------------------------------
+
+def test_lr_factor_matches_official_schedulers() -> None:
+    cfg = MSFlowConfig()
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.lr)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=12)
+    decay = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[70, 90], gamma=0.33)
+    for epoch in range(cfg.epochs):
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(epoch, cfg), rel=1e-9)
+        opt.step()
+        warm.step()
+        decay.step()
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(1, cfg) == pytest.approx(0.175)
+    assert lr_factor(12, cfg) == 1.0 and lr_factor(95, cfg) == pytest.approx(0.33 ** 2)
