@@ -170,7 +170,8 @@ class AllInOneCoupling(InvertibleBlock):
         (``index_copy_``, no separate concatenation). Without autograd the elementwise steps run in
         place. Every element sees the same floating-point operations in the same order as the
         reference path in :meth:`forward` (reversal and soft permutations still use that path), so
-        the outputs and gradients are identical; it saves 5–25 % of a block's time on a CPU.
+        the outputs and gradients are identical. On a CPU it cut the inference time of FastFlow-sized
+        blocks by 5–40 % and their training steps by up to 15 % (``benchmarks/README.md``).
         """
         n1, n2 = self.split
         x1, x2 = torch.split(x, self.split, dim=1)

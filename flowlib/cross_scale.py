@@ -38,8 +38,9 @@ def check_pyramid_size(image_size: int, stride: int, n_scales: int, setting: str
     step = stride * 2 ** (n_scales - 1)
     if image_size <= 0 or image_size % step:
         lower = max(step, image_size // step * step)
-        raise ValueError(f"{setting}={image_size} does not suit a {n_scales}-scale pyramid on a stride-{stride} "
-                         f"backbone: it must be a multiple of {step} (e.g. {lower} or {lower + step}).")
+        raise ValueError(f"{setting}={image_size} does not suit a {n_scales}-scale pyramid on a "
+                         f"stride-{stride} backbone: it must be a multiple of {step} (e.g. {lower} or "
+                         f"{lower + step}).")
 
 
 def image_pyramid(images: Tensor, n_scales: int = 3, mode: str = "nearest") -> list[Tensor]:
@@ -154,9 +155,9 @@ class CrossScaleConv(nn.Module):
             coarse = F.interpolate(hs[i + 1], size=hs[i].shape[-2:], mode="bilinear", align_corners=False)
             down = self.down[i](hs[i])
             if down.shape[-2:] != outs[i + 1].shape[-2:]:
-                raise ValueError(f"Scale {i + 1} has size {tuple(outs[i + 1].shape[-2:])} but halving scale {i} "
-                                 f"gives {tuple(down.shape[-2:])}; each feature map must be exactly twice "
-                                 "the size of the next (use an input size that is a multiple of 128).")
+                raise ValueError(f"Scale {i + 1} has size {tuple(outs[i + 1].shape[-2:])} but halving scale "
+                                 f"{i} gives {tuple(down.shape[-2:])}; each feature map must be exactly "
+                                 "twice the size of the next (use an input size that is a multiple of 128).")
             outs[i] = outs[i] + self.up[i](coarse)
             outs[i + 1] = outs[i + 1] + down
         return [o * self.gamma[i] for i, o in enumerate(outs)]

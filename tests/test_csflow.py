@@ -113,7 +113,8 @@ def test_flow_permutations_differ_per_scale_and_block_and_follow_the_seed():
 @pytest.mark.parametrize("channels", [4, 5])
 def test_flow_inverts_and_log_det_matches_autograd_jacobian(channels):
     sides = (4, 2, 1)
-    flow = _randomize(cross_scale_flow([channels] * 3, kernel_sizes=(3, 5), hidden=6, seed=0), seed=2).double()
+    flow = cross_scale_flow([channels] * 3, kernel_sizes=(3, 5), hidden=6, seed=0)
+    flow = _randomize(flow, seed=2).double()
     xs = _inputs(channels, sides, batch=2, dtype=torch.float64)
     zs, log_det = flow(xs)
     back, log_det_inv = flow(zs, reverse=True)
@@ -190,7 +191,8 @@ def test_scale_maps_and_combination():
     zs[2][0] = 2.0           # the coarsest scale is uniformly higher
     maps = CSFlow.scale_maps(zs, (8, 8))
     assert [tuple(m.shape) for m in maps] == [(1, 8, 8)] * 3
-    assert torch.allclose(maps[1], torch.ones(1, 8, 8)) and torch.allclose(maps[2], torch.full((1, 8, 8), 4.0))
+    assert torch.allclose(maps[1], torch.ones(1, 8, 8))
+    assert torch.allclose(maps[2], torch.full((1, 8, 8), 4.0))
     assert maps[0][0, 7, 7] == 9.0 and maps[0][0, 0, 0] == 1.0
 
     class Holder:
@@ -207,7 +209,8 @@ def test_scale_maps_and_combination():
 def test_presets_follow_the_paper():
     cfg = get_config("csflow", "paper")
     assert (cfg.backbone, cfg.layer, cfg.input_size, cfg.n_scales) == ("efficientnet_b5", "blocks.5", 768, 3)
-    assert (cfg.kernel_sizes, cfg.hidden_channels, cfg.clamp, cfg.leaky_slope) == ((3, 3, 3, 5), 1024, 3.0, 0.1)
+    assert (cfg.kernel_sizes, cfg.hidden_channels) == ((3, 3, 3, 5), 1024)
+    assert (cfg.clamp, cfg.leaky_slope, cfg.anomaly_map) == (3.0, 0.1, "product")
     assert (cfg.lr, cfg.adam_eps, cfg.weight_decay, cfg.grad_clip) == (2e-4, 1e-4, 1e-5, 1.0)
     assert (cfg.epochs, cfg.batch_size) == (240, 16)
     assert get_config("csflow", "paper-256").input_size == 256
@@ -220,3 +223,74 @@ def test_bad_settings_give_clear_errors():
         build_model("csflow", "quick", anomaly_map="max", pretrained=False)
     with pytest.raises(ValueError, match="input_size=200"):
         build_model("csflow", "quick", input_size=200, pretrained=False)
+
+
+# --- the model -------------------------------------------------------------------------------------------
+def test_paper_flow_parameter_count():
+    """275.2 M flow parameters (hidden 1024, kernels 3, 3, 3, 5, 304 channels); built on the meta device."""
+    with torch.device("meta"):
+        flow = cross_scale_flow([304] * 3, kernel_sizes=(3, 3, 3, 5), hidden=1024)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in flow.blocks[1::2]]
+    assert per_block == [47_638_694] * 3 + [132_311_206]
+    assert sum(per_block) == PAPER_FLOW_PARAMETERS
+    assert abs(PAPER_FLOW_PARAMETERS / 275.2e6 - 1) < 0.005
+
+
+@pytest.mark.slow
+def test_paper_preset_without_weights_has_the_paper_sizes():
+    """EfficientNet-B5 at 768 px: maps (304, 24, 24), (304, 12, 12), (304, 6, 6); only the flow trains."""
+    model = build_model("csflow", "paper", pretrained=False)
+    assert model.backbone.channels == [304] and model.backbone.strides == [32]
+    assert model.feature_shapes(768) == [(304, 24, 24), (304, 12, 12), (304, 6, 6)]
+    assert model.feature_shapes(256) == [(304, 8, 8), (304, 4, 4), (304, 2, 2)]
+    assert sum(p.numel() for p in model.flow.parameters()) == PAPER_FLOW_PARAMETERS
+    assert model.num_trainable_parameters() == PAPER_FLOW_PARAMETERS
+    assert set(model.head_state_dict()) == {f"flow.{k}" for k in model.flow.state_dict()}
+
+
+def test_extract_runs_the_backbone_on_the_nearest_pyramid():
+    model = build_model("csflow", "quick", input_size=256, hidden_channels=8, pretrained=False)
+    images = torch.rand(2, 3, 256, 256)
+    feats = model.extract(images)
+    assert [tuple(f.shape) for f in feats] == [(2, 192, 8, 8), (2, 192, 4, 4), (2, 192, 2, 2)]
+    assert [tuple(f.shape[1:]) for f in feats] == model.feature_shapes()
+    with torch.no_grad():
+        expected = model.backbone(images[..., ::4, ::4])[0]
+    assert torch.allclose(feats[2], expected, atol=1e-5)
+
+
+def test_model_loss_scores_and_maps_at_initialisation():
+    model = build_model("csflow", "quick", input_size=256, hidden_channels=8, pretrained=False)
+    feats = _inputs(192, (8, 4, 2), batch=3)
+    zs, log_det = model(feats)
+    assert torch.equal(log_det, torch.zeros(3))
+    n = 192 * (64 + 16 + 4)
+    half_sq = 0.5 * sum(f.pow(2).flatten(1).sum(1) for f in feats)
+    assert torch.allclose(model.loss(feats), (half_sq / n).mean())
+    maps, scores = model.predict(feats, (64, 64))
+    assert maps.shape == (3, 64, 64) and torch.allclose(scores, half_sq / n)
+    assert torch.all(maps >= 0)
+
+
+def test_optimizer_follows_the_paper():
+    model = build_model("csflow", "quick", input_size=256, hidden_channels=8, pretrained=False)
+    opt, scheduler = model.configure_optimizers(steps_per_epoch=4)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.Adam) and scheduler is None
+    assert (group["eps"], group["weight_decay"]) == (1e-4, 1e-5)
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in model.flow.parameters())
+
+
+@pytest.mark.slow
+def test_quick_preset_detects_demo_defects(tmp_path):
+    """The quick preset on one built-in category, end to end through the engine (features cached once).
+
+    An untrained flow (z = permuted features, score = mean feature energy) scores about 0.6 image AUROC here.
+    """
+    from flowlib.engine import run
+
+    records = run("csflow", dataset="demo", categories="brick", preset="quick", seed=0, out=tmp_path,
+                  progress=False)
+    metrics = records[0]["metrics"]
+    assert metrics["image_auroc"] >= 0.85, metrics
+    assert metrics["pixel_auroc"] >= 0.88, metrics

@@ -131,7 +131,7 @@ def test_intra_log_likelihood_equals_an_explicit_loop():
     z = torch.randn(6, 5, dtype=torch.float64)
     log_det = torch.randn(6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    got = prior.log_likelihood_per_dim(z, log_det, y)
+    got = prior.log_likelihood_per_dim(z, log_det, y).detach()
     centres = prior.intra_centres().detach()
     log_psi = torch.log_softmax(prior.phi_intra.detach(), dim=1)
     for n in range(6):
@@ -230,3 +230,144 @@ def test_cosine_warmup_schedule_matches_the_official_values():
     assert math.isclose(f(16 * 5), cos_at[2])
     assert math.isclose(f(8 * 5 * 7 + 3), cos_at[7])
     assert f(199 * 5) < 0.01
+
+
+# -- the model ----------------------------------------------------------------------------------
+def test_paper_flow_and_prior_sizes_match_the_spec():
+    # the per-level modules of the paper preset, without building the backbone (see the slow test)
+    torch.manual_seed(0)
+    flow = PositionFlow(200, cond_channels=256, n_blocks=12, clamp=1.9, hidden_ratio=2.0)
+    assert sum(p.numel() for p in flow.parameters() if p.requires_grad) == FLOW_PARAMS == 4_766_208
+    assert 3 * FLOW_PARAMS == 14_298_624 and 3 * PRIOR_PARAMS == 90_495
+    first = flow.flow.blocks[0]
+    assert first.subnet[0].in_features == 356 and first.subnet[0].out_features == 712
+    assert first.rotation is not None  # soft permutation: a random rotation of SO(200)
+
+
+@pytest.mark.slow
+def test_paper_preset_parameter_count():
+    from flowlib.models import build_model
+
+    model = build_model("hgad", "paper", pretrained=False)
+    assert model.unified and model.dim == 200 and len(model.flows) == 3
+    assert sum(p.numel() for p in model.flows.parameters()) == 3 * FLOW_PARAMS
+    assert sum(p.numel() for p in model.priors.parameters()) == 3 * PRIOR_PARAMS
+    assert model.num_trainable_parameters() == 14_389_119  # 14.30 M flows + 90,495 mixture parameters
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from flowlib.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("hgad", "quick", pretrained=False, n_classes=3, n_intra_centers=3, coupling_blocks=2,
+                       pos_embed_dim=8, map_size=16, blur_sigma=1.0)
+
+
+def _features(model, b: int = 2) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(b, model.dim, 4, 4), torch.randn(b, model.dim, 2, 2)]
+
+
+def test_presets_and_unified_flag():
+    from flowlib.models import get_config
+
+    assert hgad_module.HGAD.unified
+    paper = get_config("hgad", "paper")
+    assert (paper.backbone, paper.layer, paper.scales, paper.input_size) == ("tf_efficientnet_b6", 3,
+                                                                            (1.0, 0.5, 0.25), 1024)
+    assert (paper.coupling_blocks, paper.clamp, paper.pos_embed_dim, paper.n_intra_centers) == (12, 1.9, 256, 10)
+    assert (paper.lambda1, paper.lambda2, paper.betas, paper.lr, paper.batch_size) == (1.0, 100.0, (0.95, 0.99),
+                                                                                       2e-4, 8)
+    assert not paper.input_norm and paper.positions_per_step is None
+    for name, k in [("paper", 15), ("paper-btad", 3), ("paper-mvtec3d", 10), ("paper-visa", 12),
+                    ("paper-union", 40)]:
+        assert get_config("hgad", name).n_classes == k
+
+
+def test_loss_switches_to_stage_two_and_counts_steps(tiny_model):
+    model = tiny_model
+    feats, ids = _features(model), torch.tensor([0, 2])
+    model.configure_optimizers(steps_per_epoch=2)
+    model.train()
+    model.loss(feats, ids)
+    assert "L_g_intra" not in model.last_terms and not model.in_stage_two()
+    for _ in range(2 * model.config.intra_start_epoch - 1):
+        model.loss(feats, ids)
+    assert model.current_epoch() == model.config.intra_start_epoch and model.in_stage_two()
+    model.loss(feats, ids)
+    assert {"L_g", "L_mi", "L_e", "L_g_intra", "L_z"} <= set(model.last_terms)
+    model.set_epoch(0)
+    model.loss(feats, ids)
+    assert "L_z" not in model.last_terms
+    model.set_epoch(None)
+    with pytest.raises(ValueError, match="class"):
+        model.loss(feats, None)
+
+
+def test_optimizer_keeps_the_intended_group_learning_rates(tiny_model):
+    model = tiny_model
+    cfg = model.config
+    opt, sched = model.configure_optimizers(steps_per_epoch=3)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs == pytest.approx([0.1 * cfg.lr, 0.1 * 3 * cfg.lr, 0.1 * cfg.lr])
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.95, 0.99) for g in opt.param_groups)
+    for _ in range(3 * cfg.epochs // 2):
+        opt.step()
+        sched.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[1] == pytest.approx(3 * lrs[0]) and lrs[2] == pytest.approx(lrs[0])
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.trainable_parameters())
+
+
+def test_predict_packs_statistics_and_finalize_normalises_per_class(tiny_model):
+    model = tiny_model.eval()
+    feats = _features(model, b=4)
+    ids = torch.tensor([0, 0, 1, 1])
+    stats, _ = model.predict(feats, (32, 32), ids)
+    assert stats.shape == (4, 2, 16 + 4)
+    maps, scores = model.finalize(stats, torch.zeros(4), ids)
+    assert maps.shape == (4, 32, 32) and scores.shape == (4,)
+    assert torch.all(maps >= 0)
+    # a constant added to one class's log-likelihoods (one level) changes nothing: normalised per class
+    shifted = stats.clone()
+    shifted[2:, 0, :16] += 7.0
+    maps2, scores2 = model.finalize(shifted, torch.zeros(4), ids)
+    assert torch.allclose(maps2, maps, atol=1e-5) and torch.allclose(scores2, scores, atol=1e-6)
+    with pytest.raises(ValueError, match="packed"):
+        model.finalize(maps, scores, ids)
+
+
+def test_finalize_flags_the_image_with_an_unlikely_position(tiny_model):
+    model = tiny_model
+    n, p = 6, 16 + 4
+    stats = torch.full((n, 2, p), -1.0)
+    stats[:, 1] = -0.01  # confident class posteriors everywhere
+    stats[3, 0, 5] = -4.0  # image 3, level 0, row 1, column 1: unlikely under its class
+    stats[3, 1, 5] = -1.0  # ... and between class centres
+    model._level_shapes, model._image_size = [(4, 4), (2, 2)], (16, 16)
+    maps, scores = model.finalize(stats, torch.zeros(n), torch.zeros(n, dtype=torch.long))
+    assert int(scores.argmax()) == 3
+    peak = divmod(int(maps[3].argmax()), 16)
+    assert 3 <= peak[0] <= 7 and 3 <= peak[1] <= 7  # near the grid point (1, 1) → pixel (5, 5)
+    assert torch.allclose(maps[0], maps[1])
+
+
+def test_single_gaussian_prior_variant_trains_and_scores():
+    from flowlib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("hgad", "quick", pretrained=False, prior="gaussian", coupling_blocks=2, pos_embed_dim=8,
+                        map_size=8, blur_sigma=0.0)
+    assert len(model.priors) == 0
+    feats, ids = _features(model), torch.tensor([0, 1])
+    loss = model.loss(feats, ids)
+    loss.backward()
+    assert set(model.last_terms) == {"L_nll", "L_z"}
+    stats, _ = model.eval().predict(feats, (8, 8), ids)
+    assert torch.all(stats[:, 1] == 0)
+    opt, _ = model.configure_optimizers(1)
+    assert len(opt.param_groups) == 1

@@ -11,7 +11,8 @@ Sources:
   ``gathierry/FastFlow`` pixel AUROC at the last (500th) and at the best test epoch, and anomalib's
   (``openvinotoolkit/anomalib`` README, commit ``161bb36``, seed 0, early stopping with patience 3).
 
-Neither re-implementation reaches the paper's image AUROC.
+anomalib's image AUROC (94.4 % with CaiT) stays well below the paper's 99.4 %; gathierry/FastFlow
+reports pixel AUROC only.
 """
 
 from __future__ import annotations
@@ -98,16 +99,24 @@ _ALIB_PIXEL = {
 }
 
 
-def _reimpl(metric: str, setting: str, source: str, values: tuple[float, ...]) -> PaperTable:
-    return PaperTable(method="fastflow", dataset="mvtec", metric=metric, setting=setting, source=source,
-                      values=_row(values[:-1], values[-1], scale=1.0))
+class ReimplementationTable(PaperTable):
+    """Published numbers of someone else's re-implementation; its row label says so (not "Paper")."""
+
+    @property
+    def label(self) -> str:
+        return f"Re-implementation: {self.setting}"
+
+
+def _reimpl(metric: str, setting: str, source: str, values: tuple[float, ...]) -> ReimplementationTable:
+    return ReimplementationTable(method="fastflow", dataset="mvtec", metric=metric, setting=setting,
+                                 source=source, values=_row(values[:-1], values[-1], scale=1.0))
 
 
 #: numbers of the open re-implementations (not the paper's); the ``setting`` names who ran them
 REIMPLEMENTATIONS = (
-    [_reimpl("pixel_auroc", f"re-implementation gathierry/FastFlow, {bb}, {which}", _GATH,
+    [_reimpl("pixel_auroc", f"gathierry/FastFlow, {bb}, {which}", _GATH,
              tuple(pair[i] for pair in rows))
      for bb, rows in _GATH_PIXEL.items() for i, which in ((0, "last epoch"), (1, "best test epoch"))]
-    + [_reimpl("image_auroc", f"re-implementation anomalib, {bb}", _ALIB, v) for bb, v in _ALIB_IMAGE.items()]
-    + [_reimpl("pixel_auroc", f"re-implementation anomalib, {bb}", _ALIB, v) for bb, v in _ALIB_PIXEL.items()]
+    + [_reimpl("image_auroc", f"anomalib, {bb}", _ALIB, v) for bb, v in _ALIB_IMAGE.items()]
+    + [_reimpl("pixel_auroc", f"anomalib, {bb}", _ALIB, v) for bb, v in _ALIB_PIXEL.items()]
 )
