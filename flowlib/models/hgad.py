@@ -117,23 +117,29 @@ class HGADConfig(MethodConfig):
     weight_decay: float = 1e-4
 
 
-_PAPER = HGADConfig()
+# Features at 1024 px are 4.3 MB per image (three levels), too many to cache for a whole dataset.
+_PAPER = HGADConfig(cache_features=False)
 PRESETS = {
     # MVTec AD, 15 classes in one model (README: 98.4 / 97.9 image / pixel AUROC).
     "paper": _PAPER,
     # The other datasets of the README differ only in the class count (the engine sets it from the
-    # categories anyway); same backbone, sizes and schedule.
+    # categories anyway); same backbone, sizes and schedule. "union" = MVTec AD + BTAD + MVTec 3D-AD + VisA.
     "paper-btad": _PAPER.replace(n_classes=3),
     "paper-mvtec3d": _PAPER.replace(n_classes=10),
     "paper-visa": _PAPER.replace(n_classes=12),
     "paper-union": _PAPER.replace(n_classes=40),
-    # CPU tutorial: offline EfficientNet-Lite0 (112 channels at stride 16) on two copies of the 256 px
-    # image, 128² and 64² (→ 8² + 4² positions), 4 blocks, 32-channel positional encoding, a short
-    # schedule and random subsets of positions per step. All built-in categories in one model.
+    # CPU tutorial, all built-in categories in one model: offline EfficientNet-Lite0 (112 channels at
+    # stride 16) on the 128² and 64² copies of the 256 px image (8² + 4² positions), 4 blocks, 32-channel
+    # positional encoding, 20 short epochs on 512 random positions per level and step. Two departures
+    # make this short run work: ``input_norm`` (see HGADConfig) and λ2 = 1. With λ2 = 100 and a few
+    # hundred steps the mutual-information term wins: the flow contracts every class into a small ball
+    # around its centre (log-det about −0.4 per dimension, variance about 0.35) and the likelihood map
+    # no longer separates defects (mean image AUROC of the likelihood map 0.60 instead of 0.82 on the
+    # built-in data).
     "quick": HGADConfig(backbone="efficientnet_lite0", layer=3, scales=(0.5, 0.25), input_size=256,
-                        n_classes=4, n_intra_centers=10, coupling_blocks=4, pos_embed_dim=32,
-                        intra_start_epoch=3, sub_epochs=1, warmup_epochs=1, epochs=12, batch_size=16,
-                        lr=1e-3, map_size=256, blur_sigma=4.0),
+                        n_classes=4, n_intra_centers=10, coupling_blocks=4, pos_embed_dim=32, lambda2=1.0,
+                        intra_start_epoch=4, sub_epochs=1, warmup_epochs=1, epochs=20, batch_size=16,
+                        lr=5e-3, positions_per_step=512, input_norm=True, map_size=256, blur_sigma=4.0),
 }
 
 
