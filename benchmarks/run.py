@@ -40,6 +40,7 @@ import importlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -346,11 +347,13 @@ def plan_peers(args: argparse.Namespace, log: list[str]) -> list[tuple[str, dict
         peer = PEERS[method]
         ours = {"side": "flowlib", **peer["ours"], "reps": args.reps, "group": f"peer:{method}"}
         theirs = {"side": "anomalib", **peer["anomalib"], "reps": args.reps, "group": f"peer:{method}"}
-        pairs = (("infer", 1), ("infer", args.throughput_batch), ("train_live", args.peer_train_batch))
-        for kind, batch in pairs:
-            out.append(("anomalib", {**theirs, "kind": kind, "batch": batch}))
-            out.append(("flowlib", {**ours, "kind": kind, "batch": batch}))
-        out.append(("flowlib", {**ours, "kind": "train_cached", "batch": args.peer_train_batch}))
+        pairs = (("infer", 1), ("infer", args.throughput_batch), ("train_live", args.peer_train_batch),
+                 ("train_cached", args.peer_train_batch))
+        # alternate the two sides, round after round, so that a change in the machine's load hits both
+        for _ in range(max(1, args.peer_rounds)):
+            for kind, batch in pairs:
+                out.append(("anomalib", {**theirs, "kind": kind, "batch": batch}))
+                out.append(("flowlib", {**ours, "kind": kind, "batch": batch}))
         if method == "fastflow" and not args.no_equivalence:
             out.append(("anomalib", {**theirs, "kind": "dump", "batch": 2}))
             out.append(("flowlib", {**ours, "kind": "equivalence", "batch": 2}))
@@ -406,45 +409,56 @@ def _cpu_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float | None:
     return o / t if o and t else None
 
 
+def _pooled(results: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    """The matching result, or with several rounds a copy whose times are the medians over the rounds."""
+    found = [r for r in results if "error" not in r and all(r.get(k) == v for k, v in match.items())]
+    if len(found) <= 1:
+        return found[0] if found else None
+    pooled = dict(found[0])
+    pooled["rounds"] = len(found)
+    for part in ("total", "backbone", "head"):
+        if all(isinstance(r.get(part), dict) for r in found):
+            pooled[part] = {key: statistics.median(r[part][key] for r in found)
+                            for key in ("median_s", "cpu_median_s") if all(key in r[part] for r in found)}
+    return pooled
+
+
+def _head_seconds(r: dict[str, Any], key: str) -> float | None:
+    if isinstance(r.get("head"), dict) and key in r["head"]:
+        return r["head"][key]
+    return r.get("head_estimate", {}).get(key)  # reports made before anomalib's head was timed alone
+
+
 def compare_peers(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time ratios flowlib / anomalib for every peer measurement (whole model and head alone)."""
     rows = []
+    b, tb = args.peer_train_batch, args.throughput_batch
     for method in args.methods:
         if method not in PEERS:
             continue
         group = f"peer:{method}"
         for kind, batch, what in (("infer", 1, "inference latency, batch 1 (s/image)"),
-                                  ("infer", args.throughput_batch,
-                                   f"inference, batch {args.throughput_batch} (s/batch)"),
-                                  ("train_live", args.peer_train_batch,
-                                   f"training step, batch {args.peer_train_batch} (s/step)")):
-            ours = _find(results, group=group, side="flowlib", kind=kind, batch=batch)
-            theirs = _find(results, group=group, side="anomalib", kind=kind, batch=batch)
+                                  ("infer", tb, f"inference, batch {tb} (s/batch)"),
+                                  ("train_live", b, f"training step, batch {b} (s/step)"),
+                                  ("train_cached", b,
+                                   f"training step on cached features, batch {b} (s/step)")):
+            ours = _pooled(results, group=group, side="flowlib", kind=kind, batch=batch)
+            theirs = _pooled(results, group=group, side="anomalib", kind=kind, batch=batch)
             if ours is None or theirs is None:
                 continue
             o, t = ours["total"]["median_s"], theirs["total"]["median_s"]
             row = {"method": method, "measurement": what, "kind": kind, "batch": batch,
-                   "flowlib_s": o, "anomalib_s": t, "ratio": o / t,
+                   "rounds": ours.get("rounds", 1), "flowlib_s": o, "anomalib_s": t, "ratio": o / t,
                    "ratio_cpu_time": _cpu_ratio(ours, theirs)}
-            if kind == "infer":
-                est = theirs.get("head_estimate", {})
-                row["flowlib_head_s"] = ours["head"]["median_s"]
-                row["anomalib_head_s_estimate"] = est.get("median_s")
-                if est.get("median_s"):
-                    row["head_ratio"] = ours["head"]["median_s"] / est["median_s"]
-                if est.get("cpu_median_s") and ours["head"].get("cpu_median_s"):
-                    row["head_ratio_cpu_time"] = ours["head"]["cpu_median_s"] / est["cpu_median_s"]
+            ho, ht = _head_seconds(ours, "median_s"), _head_seconds(theirs, "median_s")
+            if kind != "train_cached" and ho and ht:
+                row.update(flowlib_head_s=ho, anomalib_head_s=ht, head_ratio=ho / ht)
+                hco, hct = _head_seconds(ours, "cpu_median_s"), _head_seconds(theirs, "cpu_median_s")
+                if hco and hct:
+                    row["head_ratio_cpu_time"] = hco / hct
                 row["flowlib_gflops_per_image"] = ours.get("gflops_per_image")
                 row["anomalib_gflops_per_image"] = theirs.get("gflops_per_image")
             rows.append(row)
-        cached = _find(results, group=group, side="flowlib", kind="train_cached", batch=args.peer_train_batch)
-        theirs = _find(results, group=group, side="anomalib", kind="train_live", batch=args.peer_train_batch)
-        if cached and theirs:
-            o, t = cached["total"]["median_s"], theirs["total"]["median_s"]
-            rows.append({"method": method, "kind": "train_cached", "batch": args.peer_train_batch,
-                         "ratio_cpu_time": _cpu_ratio(cached, theirs),
-                         "measurement": f"training step on cached features vs anomalib's live step, "
-                                        f"batch {args.peer_train_batch} (s/step)",
-                         "flowlib_s": o, "anomalib_s": t, "ratio": o / t})
     return rows
 
 
@@ -473,6 +487,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+    ]
+    for run in report.get("previous_runs", []):
+        lines += [f"Earlier run merged into this report: `{run['command']}` ({run['started']}, load average "
+                  f"{run['load_average_start']} → {run['load_average_end']}); the rows it measured are "
+                  "kept.", ""]
+    lines += [
         "Models are built without pretrained weights (speed does not depend on them). Medians of "
         f"{s['reps']} timed calls ({s['paper_reps']} for paper presets) after one warm-up. FLOPs count "
         "convolutions and matrix products (2 per multiply-add), per image. *bb* = frozen backbone "
@@ -558,14 +578,16 @@ def markdown(report: dict[str, Any]) -> str:
                          f"**{p['ratio']:.2f}** | {_num(p.get('ratio_cpu_time'), '{:.2f}')} |")
         heads = [p for p in report["peers"] if p.get("head_ratio")]
         if heads:
-            lines += ["", "Flow head alone (anomalib's head = its whole model minus its backbone alone):",
-                      "", "| method | batch | flowlib head s | anomalib head s | ratio | ratio of CPU time "
-                      "| GFLOPs/img head flowlib / anomalib |",
+            lines += ["", "The flow head alone (inference: flow + scoring; training: flow + loss + backward "
+                      "+ step; both sides timed on the features their backbone just gave):",
+                      "", "| method | measurement | flowlib head s | anomalib head s | ratio "
+                      "| ratio of CPU time | head GFLOPs/img flowlib / anomalib |",
                       "|---|---|---|---|---|---|---|"]
             for p in heads:
                 fg, ag = p.get("flowlib_gflops_per_image") or {}, p.get("anomalib_gflops_per_image") or {}
-                lines.append(f"| {p['method']} | {p['batch']} | {p['flowlib_head_s']:.3f} | "
-                             f"{p['anomalib_head_s_estimate']:.3f} | {p['head_ratio']:.2f} | "
+                lines.append(f"| {p['method']} | {p['kind']}, batch {p['batch']} | "
+                             f"{p['flowlib_head_s']:.3f} | "
+                             f"{p['anomalib_head_s']:.3f} | {p['head_ratio']:.2f} | "
                              f"{_num(p.get('head_ratio_cpu_time'), '{:.2f}')} | "
                              f"{_num(fg.get('head'))} / {_num(ag.get('head'))} |")
     eq = report.get("equivalence")
@@ -585,6 +607,27 @@ def markdown(report: dict[str, Any]) -> str:
     if report["log"]:
         lines += ["", "## Notes", ""] + [f"- {x}" for x in report["log"]]
     return "\n".join(lines) + "\n"
+
+
+def _result_key(r: dict[str, Any]) -> tuple:
+    return (r["group"],) if r.get("group") else (r.get("side"), r.get("method"), r.get("preset"))
+
+
+def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the results of ``old`` for the models ``new`` did not measure (see ``--merge``)."""
+    measured = {_result_key(r) for r in new["results"] if "error" not in r}
+    kept = [r for r in old["results"] if _result_key(r) not in measured]
+    merged = dict(new)
+    merged["results"] = kept + new["results"]
+    methods = list(dict.fromkeys(old["settings"]["methods"] + new["settings"]["methods"]))
+    merged["settings"] = {**new["settings"], "methods": methods}
+    merged["previous_runs"] = old.get("previous_runs", []) + [
+        {k: old[k] for k in ("command", "started", "finished", "load_average_start", "load_average_end")}]
+    merged["equivalence"] = new.get("equivalence") or old.get("equivalence")
+    merged["anomalib_version"] = new.get("anomalib_version") or old.get("anomalib_version")
+    merged["log"] = old.get("log", []) + new.get("log", [])
+    merged["peers"] = compare_peers(merged["results"], argparse.Namespace(**merged["settings"]))
+    return merged
 
 
 def rerender(path: Path) -> int:
@@ -617,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper-reps", type=int, default=2, help="timed calls for the paper presets")
     parser.add_argument("--throughput-batch", type=int, default=16)
     parser.add_argument("--peer-train-batch", type=int, default=8)
+    parser.add_argument("--peer-rounds", type=int, default=1,
+                        help="repeat the anomalib comparison this many times, alternating the sides")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other results of the existing report in --out, replacing only "
+                             "what this run measured (e.g. a re-run of the peers alone with --presets '')")
     parser.add_argument("--skip-paper-training", action="store_true",
                         help="measure only inference for the (large) paper presets")
     parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
@@ -692,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"bench_{device.type}"
+    if args.merge and (out / f"{name}.json").exists():
+        report = merge_reports(json.loads((out / f"{name}.json").read_text(encoding="utf-8")), report)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
     print(f"wrote {out / name}.json and .md")

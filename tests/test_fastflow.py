@@ -209,12 +209,11 @@ def test_head_state_dict_round_trip(quick_model: FastFlow) -> None:
 def test_quick_training_lowers_the_loss_and_finds_the_defects(tmp_path) -> None:
     from flowlib.engine import run
 
-    records = run("fastflow", dataset="demo", categories="coffee,brick", preset="quick", seed=0,
-                  out=tmp_path, progress=False)
-    for r in records:
-        losses = [h["loss"] for h in r["history"]]
-        assert losses[-1] < losses[0] - 1000, r["category"]
-    image = np.mean([r["metrics"]["image_auroc"] for r in records])
-    pixel = np.mean([r["metrics"]["pixel_auroc"] for r in records])
-    assert image >= 0.9, image
-    assert pixel >= 0.9, pixel
+    # the object category with half the quick schedule keeps this under a minute on two cores
+    (record,) = run("fastflow", dataset="demo", categories="coffee", preset="quick", seed=0, out=tmp_path,
+                    overrides={"epochs": 10}, progress=False)
+    losses = [h["loss"] for h in record["history"]]
+    assert losses[-1] < losses[0] - 10_000, losses  # nats per image; starts near ½ · 69 632 dimensions
+    assert record["metrics"]["image_auroc"] >= 0.9, record["metrics"]
+    assert record["metrics"]["pixel_auroc"] >= 0.9, record["metrics"]
+    assert record["timing"]["trainable_parameters"] == 567_840

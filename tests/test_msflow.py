@@ -48,7 +48,7 @@ def _brute_log_det(fn, xs: list[Tensor]) -> Tensor:
     out = []
     for b in range(xs[0].shape[0]):
         v = _flat([x[b:b + 1] for x in xs])
-        jac = torch.autograd.functional.jacobian(lambda u: _flat(fn(_unflat(u, shapes))), v)
+        jac = torch.autograd.functional.jacobian(lambda u: _flat(fn(_unflat(u, shapes))), v, vectorize=True)
         sign, logabs = torch.linalg.slogdet(jac)
         assert sign != 0
         out.append(logabs)

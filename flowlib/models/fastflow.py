@@ -173,8 +173,8 @@ class FastFlow(AnomalyModel):
 
     def _check_features(self, features: Features) -> None:
         if len(features) != len(self.flows):
-            raise ValueError(f"FastFlow expects {len(self.flows)} feature maps (layers={self.config.layers}), "
-                             f"got {len(features)}.")
+            raise ValueError(f"FastFlow expects {len(self.flows)} feature maps "
+                             f"(layers={self.config.layers}), got {len(features)}.")
         if not self.config.layer_norm:
             return
         for i, (f, norm) in enumerate(zip(features, self.norms)):
@@ -185,9 +185,12 @@ class FastFlow(AnomalyModel):
                     f"{self.config.input_size} px or build the model with a matching input_size.")
 
     def forward(self, features: Features) -> tuple[list[Tensor], Tensor]:
-        """Backbone maps ``[(B, C_i, H_i, W_i)]`` → latents ``[(B, C_i, H_i, W_i)]`` and ``log|det J|`` ``(B,)``.
+        """Backbone maps ``[(B, C_i, H_i, W_i)]`` → latents (same shapes) and ``log|det J|`` ``(B,)``.
 
-        The log-det covers the flows only (the LayerNorm is a fixed preprocessing per step of training).
+        The log-det covers the flows only, as in both open implementations: the trainable LayerNorm is
+        treated as preprocessing. Its Jacobian is therefore missing from the likelihood, so shrinking
+        its scale ``γ`` while the flows' global affine grows lowers the loss without changing ``z``;
+        one plausible reason why long training can hurt (gathierry/FastFlow#4).
         """
         self._check_features(features)
         latents, log_det = [], None
