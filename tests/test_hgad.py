@@ -63,7 +63,8 @@ def test_position_flow_log_det_equals_autograd_jacobian():
     x, cond = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
     _, log_det = flow(x, cond)
     for n in range(4):
-        jac = torch.autograd.functional.jacobian(lambda v: flow(v[None], cond[n:n + 1])[0][0], x[n])
+        c = cond[n:n + 1]
+        jac = torch.autograd.functional.jacobian(lambda v, c=c: flow(v[None], c)[0][0], x[n])
         sign, logabs = torch.linalg.slogdet(jac)
         assert sign != 0
         assert math.isclose(float(logabs), float(log_det[n].detach()), abs_tol=1e-9)
@@ -160,7 +161,7 @@ def test_loss_terms_equal_a_direct_computation():
         l_mi += sum(float(target[n, j]) * (float(post[j]) - float(log_pi[j])) for j in range(k))
         plain = torch.softmax(torch.tensor([-0.5 * v for v in dist], dtype=torch.float64), 0)
         l_e += -float((plain * plain.log()).sum())
-        log_p = float(prior.log_likelihood_per_dim(z[n:n + 1], log_det[n:n + 1], y[n:n + 1]))
+        log_p = float(prior.log_likelihood_per_dim(z[n:n + 1], log_det[n:n + 1], y[n:n + 1]).detach())
         l_intra += -(log_p * d - d * LOG_NORMAL_CONST) / d
         l_z += math.log1p(math.exp(-log_p))  # −log σ(x) = log(1 + e^{−x})
     for name, ref in [("L_g", l_g), ("L_mi", l_mi), ("L_e", l_e), ("L_g_intra", l_intra), ("L_z", l_z)]:
@@ -275,11 +276,12 @@ def test_presets_and_unified_flag():
 
     assert hgad_module.HGAD.unified
     paper = get_config("hgad", "paper")
-    assert (paper.backbone, paper.layer, paper.scales, paper.input_size) == ("tf_efficientnet_b6", 3,
-                                                                            (1.0, 0.5, 0.25), 1024)
-    assert (paper.coupling_blocks, paper.clamp, paper.pos_embed_dim, paper.n_intra_centers) == (12, 1.9, 256, 10)
-    assert (paper.lambda1, paper.lambda2, paper.betas, paper.lr, paper.batch_size) == (1.0, 100.0, (0.95, 0.99),
-                                                                                       2e-4, 8)
+    assert (paper.backbone, paper.layer, paper.scales, paper.input_size) == (
+        "tf_efficientnet_b6", 3, (1.0, 0.5, 0.25), 1024)
+    assert (paper.coupling_blocks, paper.clamp, paper.pos_embed_dim, paper.n_intra_centers) == (
+        12, 1.9, 256, 10)
+    assert (paper.lambda1, paper.lambda2, paper.betas, paper.lr, paper.batch_size, paper.epochs) == (
+        1.0, 100.0, (0.95, 0.99), 2e-4, 8, 200)
     assert not paper.input_norm and paper.positions_per_step is None
     for name, k in [("paper", 15), ("paper-btad", 3), ("paper-mvtec3d", 10), ("paper-visa", 12),
                     ("paper-union", 40)]:
@@ -360,8 +362,8 @@ def test_single_gaussian_prior_variant_trains_and_scores():
     from flowlib.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("hgad", "quick", pretrained=False, prior="gaussian", coupling_blocks=2, pos_embed_dim=8,
-                        map_size=8, blur_sigma=0.0)
+    model = build_model("hgad", "quick", pretrained=False, prior="gaussian", coupling_blocks=2,
+                        pos_embed_dim=8, map_size=8, blur_sigma=0.0)
     assert len(model.priors) == 0
     feats, ids = _features(model), torch.tensor([0, 1])
     loss = model.loss(feats, ids)

@@ -313,10 +313,10 @@ def test_quick_training_detects_and_localises(tmp_path) -> None:
     from flowlib.engine import run
 
     records = run("msflow", dataset="demo", categories="brick", preset="quick", out=tmp_path,
-                  overrides={"epochs": 8, "eval_every": None, "lr_milestones": (6,)}, progress=False,
+                  overrides={"epochs": 6, "eval_every": None, "lr_milestones": (5,)}, progress=False,
                   device="cpu")
     metrics = records[0]["metrics"]
-    # an untrained flow, or one scoring the wrong tensors, stays well below these on brick
+    # an untrained flow saturates the detection map (constant image scores, AUROC 0.5); 6 epochs give ~0.98
     assert metrics["image_auroc"] >= 0.9, metrics
     assert metrics["pixel_auroc"] >= 0.93, metrics
-    assert metrics["aupro"] >= 0.8, metrics
+    assert metrics["aupro"] >= 0.85, metrics

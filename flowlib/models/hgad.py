@@ -178,7 +178,9 @@ class PositionFlow(nn.Module):
         """A whole map ``(B, C, H, W)`` → ``z`` ``(B, C, H, W)`` and log-dets ``(B, H, W)``."""
         b, c, h, w = feature.shape
         x = feature.permute(0, 2, 3, 1).reshape(-1, c)
-        cond = self.condition(h, w, feature.device, feature.dtype).repeat(b, 1) if self.cond_channels else None
+        cond = None
+        if self.cond_channels:
+            cond = self.condition(h, w, feature.device, feature.dtype).repeat(b, 1)
         z, log_det = self(x, cond)
         return z.view(b, h, w, c).permute(0, 3, 1, 2), log_det.view(b, h, w)
 
@@ -395,8 +397,8 @@ class HGAD(AnomalyModel):
             raise ValueError("HGAD.finalize expects the packed (N, 2, P) statistics returned by HGAD.predict "
                              f"(got shape {tuple(maps.shape)}); call predict on the test set first.")
         if sum(h * w for h, w in self._level_shapes) != maps.shape[2]:
-            raise ValueError(f"Packed statistics have {maps.shape[2]} positions but the last predict call saw "
-                             f"levels {self._level_shapes}; predict every test image at the same size.")
+            raise ValueError(f"Packed statistics have {maps.shape[2]} positions but the last predict call "
+                             f"saw levels {self._level_shapes}; predict every test image at the same size.")
         if class_ids is None:
             class_ids = torch.zeros(maps.shape[0], dtype=torch.long)
         class_ids = torch.as_tensor(class_ids).cpu().long()
