@@ -82,12 +82,12 @@ def test_cached_features_give_the_same_losses_and_weights_as_live_ones(method: s
     # the cache holds what the backbone gives for each image on its own (batch composition is irrelevant)
     single = cached_model.extract(data.images[4:5])
     for f_cache, f_single in zip(cache.features, single, strict=True):
-        torch.testing.assert_close(f_cache[4:5], f_single, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(f_cache[4:5], f_single, rtol=1e-4, atol=1e-4)
 
     live = _train(live_model, batches, None)
     cached = _train(cached_model, batches, {"features": cache.features})
     assert all(torch.isfinite(torch.tensor(live)))
-    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-4, atol=1e-5)
     assert live[0] != live[-1], "the steps changed nothing, so the comparison would prove nothing"
     for (name, p_live), (_, p_cached) in zip(live_model.named_parameters(), cached_model.named_parameters(),
                                              strict=True):
