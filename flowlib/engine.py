@@ -312,6 +312,49 @@ def _history_best(history: list[dict[str, Any]]) -> dict[str, float]:
     return {k: max(m[k] for m in evaluated) for k in evaluated[-1]}
 
 
+def record_run(model: AnomalyModel, result: EvalResult, history: list[dict[str, Any]], *, method: str,
+               dataset: str, preset: str, seed: int, train_seconds: float,
+               device: str | torch.device | None = None,
+               out: str | os.PathLike | None = None, examples: bool = True) -> list[dict[str, Any]]:
+    """Write the results of one trained model: one JSON record per category in ``result``.
+
+    The record holds the metrics of the last epoch, the best of the periodic evaluations in ``history``
+    (``best_on_test``, reported separately), timings, trainable parameters, the device, the configuration
+    and library versions. With ``examples`` a small ``.examples.npz`` beside each JSON keeps the anomaly
+    maps of a few fixed test images (see :func:`flowlib.results.save_examples`) so that other notebooks
+    can show them without the model. Used by :func:`run` and by notebooks that train with their own loop;
+    returns the records (each with its ``"_path"``).
+    """
+    from flowlib.results import save_examples
+
+    device_t = get_device(device)
+    group = list(dict.fromkeys(result.categories))
+    records = []
+    for cat in group:
+        record = {
+            "method": method, "dataset": dataset, "category": cat, "preset": preset, "seed": seed,
+            "unified_over": group if len(group) > 1 else None,
+            "metrics": result.per_category[cat],
+            "best_on_test": _history_best(history),
+            "history": history,
+            "timing": {"train_seconds_total": train_seconds, "train_categories": len(group),
+                       "inference_ms_per_image": result.ms_per_image,
+                       "trainable_parameters": model.num_trainable_parameters()},
+            "device": _device_name(device_t),
+            "config": model.config.to_dict(),
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = write_result(record, out)
+        record["_path"] = str(path)
+        if examples:
+            idx = [i for i, x in enumerate(result.categories) if x == cat]
+            save_examples(path, result.maps[idx], result.masks[idx], result.labels[idx], result.scores[idx],
+                          [result.defects[i] for i in idx], [result.paths[i] for i in idx])
+        records.append(record)
+    return records
+
+
 def run(method: str, *, dataset: str = "demo", categories: str | Sequence[str] | None = "all",
         preset: str = "quick", seed: int = 0, root: str | None = None, out: str | os.PathLike | None = None,
         overrides: dict[str, Any] | None = None, device: str | None = None,
@@ -320,8 +363,9 @@ def run(method: str, *, dataset: str = "demo", categories: str | Sequence[str] |
     """Train and evaluate ``method`` on ``dataset`` and write one JSON result per category.
 
     One model per category, or a single model over all chosen categories when the method is unified
-    (``model.unified``). Returns the records written (with an ``"eval"`` :class:`EvalResult` attached
-    when ``keep_results`` is true). ``overrides`` change preset settings (e.g. ``{"epochs": 2}``).
+    (``model.unified``). Returns the records written (with the :class:`EvalResult` under ``"eval"`` and the
+    trained model under ``"model"`` when ``keep_results`` is true). ``overrides`` change preset settings
+    (e.g. ``{"epochs": 2}``).
     """
     from flowlib.data import MultiCategoryDataset, load_dataset
 
@@ -365,23 +409,50 @@ def run(method: str, *, dataset: str = "demo", categories: str | Sequence[str] |
                      "image_threshold_source": "best F1 on the test set of this run"}
             name = f"{label}_{preset}_seed{seed}.pt"
             save_checkpoint(model, Path(checkpoint_dir) / method / dataset / name, extra)
-        for cat in group:
-            record = {
-                "method": method, "dataset": dataset, "category": cat, "preset": preset, "seed": seed,
-                "unified_over": group if len(group) > 1 else None,
-                "metrics": result.per_category[cat],
-                "best_on_test": _history_best(history),
-                "history": history,
-                "timing": {"train_seconds_total": train_s, "train_categories": len(group),
-                           "inference_ms_per_image": result.ms_per_image,
-                           "trainable_parameters": model.num_trainable_parameters()},
-                "device": _device_name(device_t),
-                "config": cfg.to_dict(),
-                "versions": _versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            record["_path"] = str(write_result(record, out))
+        written = record_run(model, result, history, method=method, dataset=dataset, preset=preset, seed=seed,
+                             train_seconds=train_s, device=device_t, out=out)
+        for record in written:
             if keep_results:
                 record["eval"] = result
+                record["model"] = model
             records.append(record)
     return records
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    from flowlib.results import _json_default
+
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
+
+
+def ensure_results(method: str, *, dataset: str = "demo", categories: str | Sequence[str] | None = "all",
+                   preset: str = "quick", seed: int = 0, root: str | None = None,
+                   out: str | os.PathLike | None = None, progress: bool = True
+                   ) -> tuple[list[dict[str, Any]], bool]:
+    """The results of ``method`` on every chosen category, trained only where they are missing or stale.
+
+    A stored record is reused when it exists for every category and its configuration equals the preset's
+    current one (so editing a preset invalidates old results); otherwise :func:`run` trains them all again.
+    Returns ``(records, trained)``.
+    """
+    from flowlib.results import load_results
+
+    cats = _categories(dataset, categories, root)
+    wanted = _comparable(get_config(method, preset).to_dict())
+    found = load_results(out, method=method, dataset=dataset, preset=preset, seed=seed)
+    stored = {r["category"]: r for r in found}
+
+    def fresh(record: dict[str, Any] | None) -> bool:
+        if record is None:
+            return False
+        have = record.get("config", {})
+        # the class count of unified models, and input sizes a preset sets per category, are set by `run`
+        ignore = {"n_classes"} | ({"input_size"} if wanted.get("input_size_overrides") else set())
+        return all(have.get(k) == v for k, v in wanted.items() if k not in ignore)
+
+    if all(fresh(stored.get(c)) for c in cats):
+        return [stored[c] for c in cats], False
+    return run(method, dataset=dataset, categories=cats, preset=preset, seed=seed, root=root, out=out,
+               progress=progress), True

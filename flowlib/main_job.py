@@ -38,19 +38,25 @@ def execute_notebook(path: Path, timeout: int = 900) -> float:
 
 
 def results_markdown(results: Path) -> str:
-    """All result tables under ``results`` as markdown (one section per dataset and preset)."""
-    from flowlib.results import load_results, metrics_table
+    """All result tables under ``results`` as markdown: per dataset and preset, one summary row per method
+    (mean metrics, size, time) and then every category."""
+    from flowlib.results import comparison_table, load_results, metrics_table
 
     records = load_results(results)
     if not records:
         return "_No results yet: run `make demo`._"
+    order = {"fastflow": 0, "csflow": 1, "msflow": 2, "hgad": 3}
+    records.sort(key=lambda r: (order.get(r["method"], 9), r["method"], r["category"]))
     parts = []
     for dataset, preset in sorted({(r["dataset"], r["preset"]) for r in records}):
         subset = [r for r in records if r["dataset"] == dataset and r["preset"] == preset]
         devices = sorted({r["device"] for r in subset})
+        seeds = ", ".join(sorted({str(r["seed"]) for r in subset}))
         parts.append(f"**{dataset} data, {preset} mode, measured on {', '.join(devices)}** "
-                     f"(values in %, last epoch, seed {', '.join(sorted({str(r['seed']) for r in subset}))})"
-                     f"\n\n" + metrics_table(subset))
+                     f"(values in %, last epoch, seed {seeds}; means over the categories)\n\n"
+                     + comparison_table(subset)
+                     + "\n\n<details><summary>Per category</summary>\n\n" + metrics_table(subset)
+                     + "\n\n</details>")
     return "\n\n".join(parts)
 
 

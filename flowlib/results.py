@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flowlib.checkpoint import atomic_write_bytes
-from flowlib.config import results_dir
+from flowlib.config import REPO_ROOT, results_dir
 
 METRIC_NAMES = {
     "image_auroc": "Image AUROC",
@@ -170,3 +170,109 @@ def paper_tables(method: str | None = None, dataset: str | None = None,
     return [t for t in tables
             if (method is None or t.method == method) and (dataset is None or t.dataset == dataset)
             and (metric is None or t.metric == metric)]
+
+
+def examples_path(result_json: str | os.PathLike) -> Path:
+    """The ``.examples.npz`` file that sits beside a result JSON."""
+    path = Path(result_json)
+    return path.with_name(path.stem + ".examples.npz")
+
+
+def pick_examples(labels: Sequence[int], defects: Sequence[str], n_defective: int = 3) -> list[int]:
+    """Fixed test indices to show: the first good image, then the first defective image of each defect kind
+    in order of appearance (then further defective ones) until ``n_defective`` are chosen."""
+    labels = [int(v) for v in labels]
+    good = [i for i, y in enumerate(labels) if y == 0][:1]
+    defective = [i for i, y in enumerate(labels) if y == 1]
+    firsts, seen = [], set()
+    for i in defective:
+        if defects[i] not in seen:
+            seen.add(defects[i])
+            firsts.append(i)
+    chosen = (firsts + [i for i in defective if i not in firsts])[:n_defective]
+    return good + chosen
+
+
+def _repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository root when it lies inside it (results stay portable), else as is."""
+    full = Path(path).resolve()
+    try:
+        return str(full.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(full)
+
+
+def save_examples(result_json: str | os.PathLike, maps: Any, masks: Any, labels: Any, scores: Any,
+                  defects: Sequence[str], paths: Sequence[str], size: int = 64) -> Path:
+    """Keep the anomaly maps of a few fixed test images of one category beside its result JSON.
+
+    Args:
+        maps: ``(N, H, W)`` anomaly maps of the category's test set; masks: ``(N, H, W)``;
+            labels, scores: ``(N,)``; defects, paths: per test image.
+        size: the maps and masks are stored at ``size × size`` (float16 / uint8).
+
+    The file also stores the minimum and maximum over all ``N`` maps (``lo``, ``hi``) so that a figure can
+    scale every method's maps to that method's own range. Loaded by :func:`load_examples`.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    idx = pick_examples(labels, defects)
+    maps_t = torch.as_tensor(maps, dtype=torch.float32)
+    small = F.interpolate(maps_t[idx][:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    small_masks = F.interpolate(torch.as_tensor(masks)[idx][:, None].float(), size=(size, size),
+                                mode="nearest")
+    rel = [_repo_relative(paths[i]) for i in idx]
+    arrays = {"maps": small.numpy().astype(np.float16), "masks": small_masks[:, 0].numpy().astype(np.uint8),
+              "labels": np.asarray([int(labels[i]) for i in idx]),
+              "scores": np.asarray([float(scores[i]) for i in idx]),
+              "defects": np.asarray([defects[i] for i in idx]), "paths": np.asarray(rel),
+              "lo": np.float32(maps_t.min()), "hi": np.float32(maps_t.max())}
+    target = examples_path(result_json)
+
+    def write(f: Any) -> None:
+        np.savez_compressed(f, **arrays)
+
+    return atomic_write_bytes(target, write)
+
+
+def load_examples(record_or_path: dict[str, Any] | str | os.PathLike) -> dict[str, Any] | None:
+    """The examples saved beside a result (a record with ``"_path"`` or the JSON path), or None if absent.
+
+    Returns a dict of numpy arrays: maps ``(K, S, S)`` float32, masks ``(K, S, S)``, labels, scores,
+    defects, paths (absolute), lo, hi.
+    """
+    import numpy as np
+
+    path = examples_path(record_or_path["_path"] if isinstance(record_or_path, dict) else record_or_path)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        out = {k: data[k] for k in data.files}
+    out["maps"] = out["maps"].astype(np.float32)
+    out["paths"] = np.asarray([str(REPO_ROOT / p) for p in out["paths"]])  # absolute paths stay absolute
+    return out
+
+
+def comparison_table(records: Sequence[dict[str, Any]], percent: bool = True) -> str:
+    """Markdown table: one row per method with mean metrics over its categories, trainable parameters,
+    training time (all categories, feature caching included) and inference time per image."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
+    head = ("| Method | " + " | ".join(METRIC_NAMES[k] for k in keys)
+            + " | Trainable params | Train time (s) | Inference (ms/image) |")
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for method, rows in by_method.items():
+        cells = [_fmt(_mean(r["metrics"].get(k) for r in rows), percent) for k in keys]
+        # a unified model is trained once for all its categories: count each training once
+        trainings = {(r["timing"]["train_seconds_total"], r["timing"]["train_categories"]) for r in rows}
+        train_s = sum(t for t, _ in trainings)
+        params = max(r["timing"]["trainable_parameters"] for r in rows)
+        infer = _mean(r["timing"]["inference_ms_per_image"] for r in rows)
+        n_models = len(trainings)
+        lines.append(f"| {method} | " + " | ".join(cells)
+                     + f" | {params / 1e6:.2f} M × {n_models} | {train_s:.0f} | {infer:.1f} |")
+    return "\n".join(lines)

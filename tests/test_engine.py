@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,64 @@ def test_cli_table_and_predict(gaussian_run, tmp_path, capsys):
     stem = scores[0]["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
     assert np.load(tmp_path / f"{stem}_map.npy").shape == (128, 128)
     assert (tmp_path / f"{stem}_overlay.png").stat().st_size > 0
+
+
+def test_examples_keep_fixed_images_and_their_maps(gaussian_run):
+    from flowlib.results import load_examples, pick_examples
+
+    record = gaussian_run[2][0]
+    result = record["eval"]
+    ex = load_examples(record)
+    idx = pick_examples(result.labels.tolist(), result.defects)
+    assert ex["labels"].tolist() == result.labels[idx].tolist() == [0] + [1] * (len(idx) - 1)
+    assert list(ex["paths"]) == [str(Path(result.paths[i]).resolve()) for i in idx]
+    assert len(set(ex["defects"][1:])) == len(idx) - 1, "the defective examples are of different kinds"
+    # the stored maps are the evaluation maps, downsampled: their means agree
+    full = result.maps[idx].mean(dim=(1, 2)).numpy()
+    assert np.allclose(ex["maps"].mean(axis=(1, 2)), full, rtol=1e-2)
+    assert ex["lo"] == pytest.approx(float(result.maps.min()))
+    assert ex["hi"] == pytest.approx(float(result.maps.max()))
+    assert np.array_equal(ex["masks"].any(axis=(1, 2)), ex["labels"] == 1)
+
+
+def test_pick_examples_prefers_one_image_per_defect_kind():
+    from flowlib.results import pick_examples
+
+    labels = [1, 1, 0, 1, 0, 1]
+    defects = ["hole", "hole", "good", "stain", "good", "scratch"]
+    assert pick_examples(labels, defects) == [2, 0, 3, 5]
+    assert pick_examples(labels, defects, n_defective=4) == [2, 0, 3, 5, 1]
+
+
+def test_comparison_table_counts_a_unified_training_once():
+    from flowlib.results import comparison_table
+
+    def rec(method, cat, seconds, n, auroc):
+        return {"method": method, "category": cat,
+                "metrics": {"image_auroc": auroc, "pixel_auroc": 0.5, "aupro": 0.5, "image_f1": 0.5,
+                            "pixel_f1": 0.5},
+                "timing": {"train_seconds_total": seconds, "train_categories": n,
+                           "inference_ms_per_image": 2.0, "trainable_parameters": 1_500_000}}
+
+    table = comparison_table([rec("a", "x", 10.0, 1, 0.9), rec("a", "y", 20.0, 1, 0.7),
+                              rec("u", "x", 50.0, 2, 0.8), rec("u", "y", 50.0, 2, 0.6)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "| 80.0 |" in rows["a"] and "1.50 M × 2 | 30 | 2.0 |" in rows["a"]
+    assert "| 70.0 |" in rows["u"] and "1.50 M × 1 | 50 | 2.0 |" in rows["u"]
+
+
+def test_ensure_results_reuses_fresh_results_and_retrains_stale_ones(gaussian_run, monkeypatch):
+    out, _, records = gaussian_run
+    calls = []
+    monkeypatch.setattr(engine, "run", lambda *a, **k: calls.append(k) or ["trained"])
+    reused, trained = engine.ensure_results("gaussian", categories="coffee", out=out, progress=False)
+    assert not trained and not calls and reused[0]["_path"] == records[0]["_path"]
+    # a result made with other settings than the current preset's is stale
+    path = Path(records[0]["_path"])
+    saved = json.loads(path.read_text())
+    stale = dict(saved, config=dict(saved["config"], epochs=saved["config"]["epochs"] + 1), seed=7)
+    (path.parent / "quick_seed7.json").write_text(json.dumps(stale))
+    again = engine.ensure_results("gaussian", categories="coffee", seed=7, out=out, progress=False)
+    assert again == (["trained"], True)
+    # and a missing category is trained
+    assert engine.ensure_results("gaussian", categories="coffee,brick", out=out, progress=False)[1]

@@ -111,7 +111,7 @@ class FastFlowConfig(MethodConfig):
     backbone: str = "efficientnet_lite0"
     layers: tuple[int | str, ...] | None = (2, 3)
     input_size: int = 256
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-5
