@@ -73,6 +73,12 @@ class FeatureSet:
             yield [f[idx] for f in self.features], self.class_ids[idx], idx
 
 
+def _no_bar(progress: bool) -> bool:
+    """Progress bars are off when asked, or when ``$TQDM_DISABLE`` is set (as in ``make test``/``make demo``),
+    which an explicit ``disable=False`` would otherwise override."""
+    return not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
@@ -94,7 +100,7 @@ def extract_features(model: AnomalyModel, dataset: Dataset, batch_size: int = 16
     class_ids, labels, masks = [], [], []
     categories, defects, paths = [], [], []
     seconds = 0.0
-    for batch in tqdm(_loader(dataset, batch_size), desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(_loader(dataset, batch_size), desc=desc, disable=_no_bar(progress), leave=False):
         images = batch["image"].to(device)
         _sync(device)
         t0 = time.perf_counter()
@@ -158,7 +164,7 @@ def fit(model: AnomalyModel, train: Dataset | FeatureSet, *, epochs: int | None 
     params = model.trainable_parameters()
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(1, epochs + 1), desc=f"training {model.method}", disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc=f"training {model.method}", disable=_no_bar(progress))
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
@@ -240,7 +246,7 @@ def evaluate(model: AnomalyModel, test: Dataset | FeatureSet, *, device: str | t
     else:
         labels_l, masks_l, ids_l = [], [], []
         categories, defects, paths = [], [], []
-        for batch in tqdm(_loader(test, batch_size), desc="evaluating", disable=not progress, leave=False):
+        for batch in tqdm(_loader(test, batch_size), desc="evaluating", disable=_no_bar(progress), leave=False):
             images = batch["image"].to(device)
             class_ids = torch.as_tensor(batch.get("class_id", torch.zeros(len(images), dtype=torch.long)))
             _sync(device)
