@@ -246,7 +246,8 @@ def evaluate(model: AnomalyModel, test: Dataset | FeatureSet, *, device: str | t
     else:
         labels_l, masks_l, ids_l = [], [], []
         categories, defects, paths = [], [], []
-        for batch in tqdm(_loader(test, batch_size), desc="evaluating", disable=_no_bar(progress), leave=False):
+        batches = _loader(test, batch_size)
+        for batch in tqdm(batches, desc="evaluating", disable=_no_bar(progress), leave=False):
             images = batch["image"].to(device)
             class_ids = torch.as_tensor(batch.get("class_id", torch.zeros(len(images), dtype=torch.long)))
             _sync(device)
