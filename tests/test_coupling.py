@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from flowcheck import jacobian_log_det, randomize
 from FrEIA.modules import AllInOneBlock
-from torch import Tensor, nn
 
 from flowlib.coupling import (
     AllInOneCoupling,
@@ -22,27 +22,6 @@ from flowlib.coupling import (
 from flowlib.subnets import conv_subnet, mlp_subnet, per_scale_subnet
 
 
-def _randomize(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
-    """Overwrite every parameter with noise so no block sits at its (near-)identity initialisation."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
-
-
-def _jacobian_log_det(fn, x: Tensor) -> Tensor:
-    """``log|det ∂fn(x_b)/∂x_b|`` per sample by brute force (float64): ``(B,)``."""
-    out = []
-    for xb in x:
-        jac = torch.autograd.functional.jacobian(lambda v: fn(v.unsqueeze(0)).reshape(-1), xb)
-        jac = jac.reshape(xb.numel(), xb.numel())
-        sign, logabs = torch.linalg.slogdet(jac)
-        assert sign != 0, "the Jacobian is singular"
-        out.append(logabs)
-    return torch.stack(out)
-
-
 def _freia_pair(channels: int, spatial: tuple[int, ...], subnet, cond_channels: int = 0,
                 permute_soft: bool = False, seed: int = 0) -> tuple[AllInOneBlock, AllInOneCoupling]:
     np.random.seed(seed)  # FrEIA draws its permutation from NumPy
@@ -50,7 +29,7 @@ def _freia_pair(channels: int, spatial: tuple[int, ...], subnet, cond_channels: 
     dims_c = [(cond_channels, *spatial)] if cond_channels else []
     ref = AllInOneBlock([(channels, *spatial)], dims_c=dims_c, subnet_constructor=subnet,
                         affine_clamping=2.0, permute_soft=permute_soft)
-    _randomize(ref.subnet, seed + 1)
+    randomize(ref.subnet, seed + 1, scale=0.5)
     with torch.no_grad():
         ref.global_scale.add_(0.3 * torch.randn(ref.global_scale.shape))
         ref.global_offset.normal_()
@@ -115,25 +94,25 @@ def test_load_freia_rejects_soft_permutation_into_hard_block() -> None:
 def test_allinone_log_det_equals_autograd_jacobian(permute_soft: bool) -> None:
     torch.manual_seed(0)
     block = AllInOneCoupling(5, conv_subnet(3), permute_soft=permute_soft, clamp=2.0)
-    _randomize(block, 1).double()
+    randomize(block, 1, scale=0.5).double()
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
     _, log_det = block(x)
-    torch.testing.assert_close(log_det, _jacobian_log_det(lambda v: block(v)[0], x))
+    torch.testing.assert_close(log_det, jacobian_log_det(lambda v: block(v)[0], x))
     y, _ = block(x)
     _, log_det_inv = block(y, reverse=True)
-    torch.testing.assert_close(log_det_inv, _jacobian_log_det(lambda v: block(v, reverse=True)[0], y))
+    torch.testing.assert_close(log_det_inv, jacobian_log_det(lambda v: block(v, reverse=True)[0], y))
 
 
 def test_allinone_conditional_log_det_and_inverse() -> None:
     torch.manual_seed(0)
-    block = _randomize(AllInOneCoupling(4, conv_subnet(1), cond_channels=3), 2).double()
+    block = randomize(AllInOneCoupling(4, conv_subnet(1), cond_channels=3), 2, scale=0.5).double()
     x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
     c = torch.randn(1, 3, 3, 2, dtype=torch.float64)  # one condition broadcast over the batch
     y, log_det = block(x, cond=c)
     back, log_det_inv = block(y, cond=c, reverse=True)
     torch.testing.assert_close(back, x)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
-    torch.testing.assert_close(log_det, _jacobian_log_det(lambda v: block(v, cond=c)[0], x))
+    torch.testing.assert_close(log_det, jacobian_log_det(lambda v: block(v, cond=c)[0], x))
     with pytest.raises(ValueError, match="cond="):
         block(x)
 
@@ -241,24 +220,11 @@ def test_channel_permutation_single_and_list() -> None:
 # --------------------------------------------------------------------------------------------------
 # MultiScaleDoubleCoupling
 # --------------------------------------------------------------------------------------------------
-def _flat(xs: list[Tensor]) -> Tensor:
-    return torch.cat([x.reshape(x.shape[0], -1) for x in xs], dim=1)
-
-
-def _unflat(v: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
-    out, i = [], 0
-    for s in shapes:
-        n = int(np.prod(s))
-        out.append(v[:, i:i + n].reshape(v.shape[0], *s))
-        i += n
-    return out
-
-
 @pytest.mark.parametrize("channels", [[4, 4], [5, 3]])
 def test_multiscale_double_coupling_inverse_and_log_det(channels: list[int]) -> None:
     torch.manual_seed(0)
-    block = _randomize(MultiScaleDoubleCoupling(channels, per_scale_subnet(conv_subnet(3)), clamp=3.0), 4)
-    block.double()
+    block = MultiScaleDoubleCoupling(channels, per_scale_subnet(conv_subnet(3)), clamp=3.0)
+    randomize(block, 4, scale=0.5).double()
     shapes = [(channels[0], 4, 4), (channels[1], 2, 2)]
     xs = [torch.randn(2, *s, dtype=torch.float64) for s in shapes]
     ys, log_det = block(xs)
@@ -270,7 +236,7 @@ def test_multiscale_double_coupling_inverse_and_log_det(channels: list[int]) -> 
     for x, y, c in zip(xs, ys, channels):
         assert not torch.allclose(x[:, : c // 2], y[:, : c // 2])
         assert not torch.allclose(x[:, c // 2:], y[:, c // 2:])
-    expected = _jacobian_log_det(lambda v: _flat(block(_unflat(v, shapes))[0]), _flat(xs))
+    expected = jacobian_log_det(lambda v: block(v)[0], xs)
     torch.testing.assert_close(log_det, expected)
 
 
@@ -288,14 +254,14 @@ def test_multiscale_double_coupling_output_clamp() -> None:
 def test_sequential_flow_tensor_chain() -> None:
     torch.manual_seed(0)
     flow = SequentialFlow([AllInOneCoupling(4, conv_subnet(k)) for k in (3, 1, 3)])
-    _randomize(flow, 6).double()
+    randomize(flow, 6, scale=0.5).double()
     assert len(flow) == 3
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     y, log_det = flow(x)
     back, log_det_inv = flow(y, reverse=True)
     torch.testing.assert_close(back, x)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
-    torch.testing.assert_close(log_det, _jacobian_log_det(lambda v: flow(v)[0], x))
+    torch.testing.assert_close(log_det, jacobian_log_det(lambda v: flow(v)[0], x))
     # the chain's log-det is the sum of its blocks'
     total, h = torch.zeros(2, dtype=torch.float64), x
     for block in flow.blocks:
@@ -310,7 +276,7 @@ def test_sequential_flow_list_chain() -> None:
                            MultiScaleDoubleCoupling([4, 6], per_scale_subnet(conv_subnet(3))),
                            ChannelPermutation([4, 6]),
                            MultiScaleDoubleCoupling([4, 6], per_scale_subnet(conv_subnet(1)))])
-    _randomize(flow, 8, scale=0.3).double()
+    randomize(flow, 8, scale=0.3).double()
     shapes = [(4, 3, 3), (6, 2, 2)]
     xs = [torch.randn(2, *s, dtype=torch.float64) for s in shapes]
     ys, log_det = flow(xs)
@@ -318,7 +284,7 @@ def test_sequential_flow_list_chain() -> None:
     for a, b in zip(back, xs):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
-    expected = _jacobian_log_det(lambda v: _flat(flow(_unflat(v, shapes))[0]), _flat(xs))
+    expected = jacobian_log_det(lambda v: flow(v)[0], xs)
     torch.testing.assert_close(log_det, expected)
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from flowcheck import jacobian_log_det, randomize
 from torch import Tensor, nn
 
 from flowlib.aggregation import (
@@ -19,47 +20,11 @@ from flowlib.aggregation import (
 from flowlib.fusion import FusionSubnet, fusion_flow
 from flowlib.models.msflow import MSFlow, MSFlowConfig, lr_factor, parallel_flow
 
-
-def _randomize(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
-    """Noise in every parameter, so that no coupling sits near its initial state."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
-
-
-def _flat(xs: list[Tensor]) -> Tensor:
-    return torch.cat([x.reshape(-1) for x in xs])
-
-
-def _unflat(v: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
-    out, start = [], 0
-    for s in shapes:
-        n = math.prod(s)
-        out.append(v[start:start + n].reshape(1, *s))
-        start += n
-    return out
-
-
-def _brute_log_det(fn, xs: list[Tensor]) -> Tensor:
-    """``log|det J|`` of ``fn`` (list → list) at each sample, from the full autograd Jacobian."""
-    shapes = [tuple(x.shape[1:]) for x in xs]
-    out = []
-    for b in range(xs[0].shape[0]):
-        v = _flat([x[b:b + 1] for x in xs])
-        jac = torch.autograd.functional.jacobian(lambda u: _flat(fn(_unflat(u, shapes))), v, vectorize=True)
-        sign, logabs = torch.linalg.slogdet(jac)
-        assert sign != 0
-        out.append(logabs)
-    return torch.stack(out)
-
-
 # -- parallel flow -----------------------------------------------------------------------------------
 
 def test_parallel_flow_inverts_and_log_det_matches_jacobian() -> None:
     torch.manual_seed(0)
-    flow = _randomize(parallel_flow(6, n_blocks=3, clamp=1.9, cond_channels=4), seed=1).double()
+    flow = randomize(parallel_flow(6, n_blocks=3, clamp=1.9, cond_channels=4), seed=1, add=True).double()
     x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
     cond = torch.randn(1, 4, 4, 3, dtype=torch.float64)
     z, log_det = flow(x, cond=cond)
@@ -67,14 +32,14 @@ def test_parallel_flow_inverts_and_log_det_matches_jacobian() -> None:
     back, log_det_inv = flow(z, cond=cond, reverse=True)
     torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
-    brute = _brute_log_det(lambda xs: [flow(xs[0], cond=cond)[0]], [x])
+    brute = jacobian_log_det(lambda v: flow(v, cond=cond)[0], x)
     torch.testing.assert_close(log_det, brute, atol=1e-8, rtol=1e-8)
     assert log_det.abs().min() > 0.1  # a real test: the map is far from volume-preserving
 
 
 def test_parallel_flow_depends_on_the_condition() -> None:
     torch.manual_seed(0)
-    flow = _randomize(parallel_flow(4, n_blocks=2, cond_channels=4), seed=2)
+    flow = randomize(parallel_flow(4, n_blocks=2, cond_channels=4), seed=2, add=True)
     x = torch.randn(1, 4, 3, 3)
     z1, _ = flow(x, cond=torch.zeros(1, 4, 3, 3))
     z2, _ = flow(x, cond=torch.ones(1, 4, 3, 3))
@@ -88,7 +53,7 @@ def test_parallel_flow_depends_on_the_condition() -> None:
 @pytest.mark.parametrize("channels", [[4, 6, 8], [4, 5, 3]])
 def test_fusion_flow_inverts_and_log_det_matches_jacobian(channels: list[int]) -> None:
     torch.manual_seed(0)
-    flow = _randomize(fusion_flow(channels, clamp=1.9), seed=3).double()
+    flow = randomize(fusion_flow(channels, clamp=1.9), seed=3, add=True).double()
     sizes = [(6, 6), (3, 3), (2, 2)]  # 3 → 2 is not an integer ratio: pooling is adaptive
     xs = [torch.randn(2, c, *s, dtype=torch.float64) for c, s in zip(channels, sizes)]
     zs, log_det = flow(xs)
@@ -97,14 +62,14 @@ def test_fusion_flow_inverts_and_log_det_matches_jacobian(channels: list[int]) -
     for b, x in zip(back, xs):
         torch.testing.assert_close(b, x, atol=1e-10, rtol=0)
     torch.testing.assert_close(log_det + log_det_inv, torch.zeros(2, dtype=torch.float64))
-    brute = _brute_log_det(lambda v: flow(v)[0], xs)
+    brute = jacobian_log_det(lambda v: flow(v)[0], xs)
     torch.testing.assert_close(log_det, brute, atol=1e-8, rtol=1e-8)
     assert log_det.abs().min() > 0.1
 
 
 def test_fusion_subnet_exchanges_information_across_scales() -> None:
     torch.manual_seed(0)
-    net = _randomize(FusionSubnet([2, 3, 4], [4, 6, 8]), seed=4)
+    net = randomize(FusionSubnet([2, 3, 4], [4, 6, 8]), seed=4, add=True)
     xs = [torch.randn(1, 2, 8, 8), torch.randn(1, 3, 4, 4), torch.randn(1, 4, 2, 2)]
     out = net(xs)
     assert [tuple(o.shape) for o in out] == [(1, 4, 8, 8), (1, 6, 4, 4), (1, 8, 2, 2)]
