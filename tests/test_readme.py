@@ -21,7 +21,8 @@ def test_readme_gives_the_two_commands_with_measured_times_and_a_generated_table
     text = README.read_text()
     assert "make demo" in text and "make test" in text
     assert re.search(r"`make test` took \*\*\d+ min \d+ s\*\*", text), "state the measured time of make test"
-    assert re.search(r"`make demo` then took \*\*\d+ min \d+ s\*\*", text), "state the measured time of make demo"
+    assert re.search(r"`make demo` then took \*\*\d+ min \d+ s\*\*", text), \
+        "state the measured time of make demo"
     from flowlib.main_job import BEGIN, END
 
     table = text.split(BEGIN, 1)[1].split(END, 1)[0]
