@@ -368,3 +368,29 @@ def test_list_categories(mvtec_root):
     assert len(list_categories("mvtec")) == 15 and list_categories("btad") == ["01", "02", "03"]
     assert len(list_categories("mvtec3d")) == 10 and len(list_categories("visa")) == 12
     assert list_categories("mvtec", mvtec_root, present_only=True) == ["bottle", "grid"]
+
+
+def test_union_dataset_reads_each_category_from_its_own_dataset(mvtec_root, btad_root):
+    root = mvtec_root.parent  # the folder that holds mvtec_ad/ and btad/
+    assert btad_root.parent == root
+    every = list_categories("union")
+    assert len(every) == 40 and len(set(every)) == 40  # HGAD's 40 classes, no name twice
+    assert every[:15] == list_categories("mvtec") and every[15:18] == ["01", "02", "03"]
+    assert list_categories("union", root, present_only=True) == ["bottle", "grid", "01", "02", "03"]
+    grid = load_dataset("union", "grid", "test", root=root, image_size=16)
+    assert grid.records == load_dataset("mvtec", "grid", "test", root=mvtec_root, image_size=16).records
+    btad_02 = load_dataset("union", "02", "train", root=root, image_size=16)
+    assert all("btad" in str(r.image) for r in btad_02.records) and len(btad_02) == 2
+    with pytest.raises(ValueError, match="Unknown union category 'nope'"):
+        load_dataset("union", "nope", "train", root=root)
+
+
+def test_one_unified_model_over_a_union_of_datasets(mvtec_root, btad_root, tmp_path):
+    from flowlib.engine import run
+
+    records = run("hgad", dataset="union", root=mvtec_root.parent, categories="bottle,01", preset="quick",
+                  out=tmp_path / "results", progress=False, overrides={"epochs": 1, "pretrained": False})
+    assert [r["category"] for r in records] == ["bottle", "01"]
+    assert all(r["unified_over"] == ["bottle", "01"] and r["config"]["n_classes"] == 2 for r in records)
+    assert len({r["timing"]["train_seconds_total"] for r in records}) == 1  # one model for both
+    assert (tmp_path / "results" / "hgad" / "union" / "01" / "quick_seed0.json").is_file()

@@ -3,6 +3,9 @@
 Dataset names: ``demo`` (built in), ``mvtec``, ``visa``, ``btad``, ``mvtec3d``, ``folder``.
 Each has a default folder under the data root (``$FLOWLIB_DATA``, else ``<repo>/data``):
 ``demo``, ``mvtec_ad``, ``visa``, ``btad``, ``mvtec_3d``, ``folder``; ``root=`` overrides it.
+
+``union`` is HGAD's 40-class setting: the categories of MVTec AD, BTAD, MVTec 3D-AD and VisA under one
+name (no category name occurs in two of them); its root is the folder that holds the four dataset folders.
 """
 
 from __future__ import annotations
@@ -42,6 +45,32 @@ DATASETS: dict[str, DatasetInfo] = {
     "folder": DatasetInfo("Image folder", folder.DEFAULT_SUBDIR, (), folder.load_folder, folder.TREE,
                           "your own images"),
 }
+
+#: The datasets of the ``union`` setting, in HGAD's order.
+UNION_DATASETS = ("mvtec", "btad", "mvtec3d", "visa")
+
+
+def _union_owner(category: str) -> str:
+    for name in UNION_DATASETS:
+        if category in DATASETS[name].categories:
+            return name
+    known = [c for n in UNION_DATASETS for c in DATASETS[n].categories]
+    raise ValueError(f"Unknown union category {category!r}; use one of {known}.")
+
+
+def _load_union_category(category: str, split: str, root: str | os.PathLike | None = None,
+                         image_size: int | Sequence[int] | None = 256) -> AnomalyDataset:
+    """One category of the union: loaded by the dataset that owns it, from ``root/<its folder>``."""
+    name = _union_owner(category)
+    return DATASETS[name].loader(category, split, root=root, image_size=image_size)
+
+
+DATASETS["union"] = DatasetInfo(
+    "Union of MVTec AD, BTAD, MVTec 3D-AD and VisA (HGAD's 40 classes)", "",
+    tuple(c for n in UNION_DATASETS for c in DATASETS[n].categories), _load_union_category,
+    "<root>/  the four dataset folders side by side:\n"
+    "  mvtec_ad/  btad/  mvtec_3d/  visa/   (each in its own layout, see data/README.md)",
+    "the four datasets' own download pages (data/README.md)")
 
 _ALIASES = {"mvtec_ad": "mvtec", "mvtecad": "mvtec", "mvtec_3d": "mvtec3d", "mvtec-3d": "mvtec3d",
             "mvtec3d_ad": "mvtec3d", "btech": "btad"}
@@ -94,6 +123,8 @@ def list_categories(name: str, root: str | os.PathLike | None = None,
     ``folder`` always lists the subfolders of its root that contain ``train/``.
     """
     info = dataset_info(name)
+    if info is DATASETS["union"]:
+        return [c for n in UNION_DATASETS for c in list_categories(n, root, present_only)]
     if info is DATASETS["folder"]:
         return folder.list_folder_categories(resolve_root(root, info.subdir))
     if info is DATASETS["demo"] and present_only:
