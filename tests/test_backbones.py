@@ -254,6 +254,28 @@ def test_reflect_padding_on_tensorflow_same_convs():
     torch.testing.assert_close(reflect(x)[0], a)
 
 
+@pytest.mark.parametrize("name, layers, padding", [("resnet18", [1, 2], "reflect"),
+                                                   ("efficientnet_lite0", "blocks.5", "zeros"),
+                                                   ("tf_efficientnet_b6", [3], "zeros")])
+def test_channels_last_layout_gives_the_same_maps(name, layers, padding):
+    plain = FeatureExtractor(name, layers=layers, pretrained=False, padding_mode=padding, channels_last=False)
+    fast = FeatureExtractor(name, layers=layers, pretrained=False, padding_mode=padding)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.channels_last and not plain.channels_last and "channels_last=True" in repr(fast)
+
+    def layouts(extractor):  # of the weights whose layout is unambiguous (not 1x1, not depthwise)
+        return {w.is_contiguous(memory_format=torch.channels_last) for m in extractor.body.modules()
+                if isinstance(m, torch.nn.Conv2d) and min((w := m.weight).shape[1:]) > 1}
+
+    assert layouts(fast) == {True} and layouts(plain) == {False}
+    x = _images(96)
+    with torch.no_grad():
+        a, b = plain(x), fast(x)
+    for p, q in zip(a, b, strict=True):
+        assert q.is_contiguous()  # downstream code sees ordinary maps
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4 * p.abs().amax().item())
+
+
 def test_parameter_count_does_not_depend_on_input():
     extractor = FeatureExtractor("efficientnet_lite0", pretrained=False)
     count = sum(p.numel() for p in extractor.parameters())
@@ -310,8 +332,9 @@ def test_extractor_carries_the_classifier_weights():
     with torch.no_grad():
         classifier((x - 0.5) / 0.5)
         feats = extractor(x)
-    torch.testing.assert_close(feats[0], grabbed[5])
-    torch.testing.assert_close(feats[1], grabbed[2])
+    # equal up to the float rounding of the channels-last convolutions (a weight mismatch is O(1))
+    torch.testing.assert_close(feats[0], grabbed[5], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feats[1], grabbed[2], rtol=1e-4, atol=1e-4)
 
 
 def test_in_order_mapping_rejects_a_mismatch():
