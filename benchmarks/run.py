@@ -14,6 +14,9 @@ not depend on the weights, and nothing has to be downloaded):
 * ``train_live``: training images/s when every step runs the backbone (``extract`` + ``loss`` +
   backward + optimiser step), and ``train_cached``: the same step on features computed beforehand
   (what :func:`flowlib.engine.fit` does with ``cache_features=True``);
+* ``epoch`` (quick presets): one training epoch of :func:`flowlib.engine.fit` on a category of the
+  built-in data, images read from disk and run through the backbone every epoch (``cache_features=False``)
+  against the same epoch on features cached once (the one-off caching pass is timed separately);
 * FLOPs (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products, 2 per
   multiply-add) of the backbone and of the head, and the FLOP/s each part achieves;
 * peak memory: growth of the resident set during the measurement (CPU), or the CUDA allocator's peak.
@@ -125,6 +128,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec.get("device", "cpu"))
     if spec["kind"] == "equivalence":
         return fastflow_equivalence(spec, device)
+    if spec["kind"] == "epoch":
+        return epoch_times(spec, device)
     model = _build(spec, device)
     size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
     x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
@@ -185,6 +190,57 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["s_per_step"] = t["median_s"]
         return result
     raise ValueError(f"Unknown measurement kind {spec['kind']!r}.")
+
+
+def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Seconds per training epoch of ``engine.fit`` on one built-in category, live and on cached features.
+
+    Two models are built from the same seed, one with ``cache_features=False`` (every epoch reads and
+    resizes the images and runs the backbone) and one with ``cache_features=True`` (the backbone runs
+    once, in a timed caching pass, and the epochs replay its features). Each timed call is
+    ``fit(..., epochs=1)`` with the same seed, so both sides see the same batches; the first-epoch
+    losses of the two sides are reported (equal up to float rounding: ``tests/test_feature_cache.py``).
+    """
+    from flowlib.config import seed_everything
+    from flowlib.data import load_dataset
+    from flowlib.engine import extract_features, fit
+
+    reps = int(spec.get("reps", 3))
+    live_model = _build({**spec, "overrides": {**spec.get("overrides", {}), "cache_features": False}}, device)
+    cfg = live_model.config
+    train = load_dataset("demo", spec["category"], "train", image_size=cfg.input_size)
+    batch = int(cfg.batch_size)
+
+    def epochs(model: Any, data: Any) -> tuple[list[float], list[float], list[float]]:
+        losses, wall, cpu = [], [], []
+        for _ in range(reps):
+            seed_everything(0)  # the losses that sample (HGAD's positions) draw the same numbers
+            w0, c0 = stamp(device)
+            history = fit(model, data, epochs=1, batch_size=batch, device=device, seed=0, progress=False)
+            w1, c1 = stamp(device)
+            losses.append(history[0]["loss"])
+            wall.append(w1 - w0)
+            cpu.append(c1 - c0)
+        return losses, wall, cpu
+
+    with PeakMemory(device) as mem_live:
+        live_losses, live_wall, live_cpu = epochs(live_model, train)
+    cached_model = _build({**spec, "overrides": {**spec.get("overrides", {}), "cache_features": True}},
+                          device)
+    with PeakMemory(device) as mem_cached:
+        w0, c0 = stamp(device)
+        features = extract_features(cached_model, train, batch, device, progress=False)
+        w1, c1 = stamp(device)
+        cached_losses, cached_wall, cached_cpu = epochs(cached_model, features)
+    live, cached = summary(live_wall, live_cpu), summary(cached_wall, cached_cpu)
+    return {"side": "flowlib", "method": spec["method"], "preset": spec["preset"], "kind": "epoch",
+            "batch": batch, "device": str(device), "category": spec["category"], "images": len(train),
+            **_describe(live_model), "live": live, "cached": cached,
+            "caching": {"median_s": w1 - w0, "cpu_median_s": c1 - c0},
+            "speedup": live["median_s"] / cached["median_s"],
+            "speedup_cpu_time": live["cpu_median_s"] / cached["cpu_median_s"],
+            "first_epoch_loss": {"live": live_losses[0], "cached": cached_losses[0]},
+            "memory": {"live": mem_live.result, "cached": mem_cached.result}}
 
 
 def _split_laps(first, second, reps: int, device: torch.device) -> dict[str, tuple[list[float], list[float]]]:
@@ -328,6 +384,9 @@ def plan_flowlib(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any
             train_batch = 1 if (large and cpu) else int(cfg.batch_size)
             for kind in ("train_live", "train_cached"):
                 specs.append({**base, "kind": kind, "batch": train_batch})
+            if preset == "quick" and args.epoch_category:
+                specs.append({**base, "kind": "epoch", "batch": int(cfg.batch_size), "reps": 3,
+                              "category": args.epoch_category})
     return specs
 
 
@@ -566,6 +625,30 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_num(speed, '{:.2f}×')} ({_num(cpu_speed, '{:.2f}×')}) | {_num(head_gf, '{:.3g}')} | "
                      f"{_num(rate, '{:.1f}')} ({_num(cpu_rate, '{:.1f}')}) | "
                      f"{mem} |")
+    epochs = [r for r in res if r.get("kind") == "epoch" and "error" not in r and "group" not in r]
+    if epochs:
+        lines += [
+            "",
+            "### Training epochs of `engine.fit` on the built-in data",
+            "",
+            "*live*: every epoch reads and resizes the images and runs the backbone "
+            "(`cache_features=False`); *cached*: the epoch replays features extracted once, in a caching "
+            "pass paid once per training run. Medians of 3 epochs; the first-epoch losses of the two sides "
+            "(same seed, same batches) agree up to float rounding.",
+            "",
+            "| method | preset | category (images, batch) | live s/epoch | cached s/epoch | cached speed-up "
+            "(CPU time) | caching pass s | caching pays off after | first-epoch loss live / cached |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in epochs:
+            gain = r["live"]["median_s"] - r["cached"]["median_s"]
+            payoff = r["caching"]["median_s"] / gain if gain > 0 else None
+            loss = r["first_epoch_loss"]
+            lines.append(
+                f"| {r['method']} | {r['preset']} | {r['category']} ({r['images']}, {r['batch']}) | "
+                f"{r['live']['median_s']:.2f} | {r['cached']['median_s']:.2f} | "
+                f"{r['speedup']:.2f}× ({r['speedup_cpu_time']:.2f}×) | {r['caching']['median_s']:.2f} | "
+                f"{_num(payoff, '{:.1f} epochs')} | {loss['live']:.6g} / {loss['cached']:.6g} |")
     if report["peers"]:
         lines += ["", "## flowlib vs anomalib (same inputs, same batch, same machine, sides alternated)", ""]
         for method in dict.fromkeys(p["method"] for p in report["peers"]):
@@ -672,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other results of the existing report in --out, replacing only "
                              "what this run measured (e.g. a re-run of the peers alone with --presets '')")
+    parser.add_argument("--epoch-category", default="brick",
+                        help="built-in category whose training epochs are timed, live and cached, for the "
+                             "quick presets ('' to leave this out; default: %(default)s)")
     parser.add_argument("--skip-paper-training", action="store_true",
                         help="measure only inference for the (large) paper presets")
     parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
@@ -722,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max |map diff| {r['max_abs_diff_anomaly_map']:.2e}", flush=True)
         elif spec["kind"] == "dump":
             print("ok", flush=True)
+        elif spec["kind"] == "epoch":
+            print(f"{r['live']['median_s']:.2f} s/epoch live, {r['cached']['median_s']:.2f} s/epoch cached "
+                  f"(load {r.get('load_average', ['?'])[0]})", flush=True)
         else:
             derive(r)
             print(f"{r['total']['median_s']:.3f} s/call, {r['images_per_s']:.2f} img/s "

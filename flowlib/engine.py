@@ -79,9 +79,10 @@ def _no_bar(progress: bool) -> bool:
     return not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
+def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """The dataset in its own order (evaluation, feature caching)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                      generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
 
 
 def _sync(device: torch.device) -> None:
@@ -168,10 +169,14 @@ def fit(model: AnomalyModel, train: Dataset | FeatureSet, *, epochs: int | None 
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
+        # one shuffled order for both paths: cached and live training see the same batches
+        order = torch.randperm(len(train), generator=generator)
         if isinstance(train, FeatureSet):
-            batches = ((f, c) for f, c, _ in train.batches(batch_size, shuffle=True, generator=generator))
+            batches = (([f[idx] for f in train.features], train.class_ids[idx])
+                       for idx in order.split(batch_size))
         else:
-            loader = _loader(train, batch_size, shuffle=True, seed=seed + epoch)
+            loader = DataLoader(train, batch_size=batch_size, sampler=order.tolist(), num_workers=0,
+                                generator=torch.Generator().manual_seed(seed + epoch))  # not the global RNG
             batches = ((model.extract(b["image"].to(device)), b["class_id"]) for b in loader)
         for step, (feats, class_ids) in enumerate(batches):
             feats = [f.to(device, non_blocking=True) for f in feats]

@@ -99,19 +99,26 @@ def test_cached_features_give_the_same_losses_and_weights_as_live_ones(method: s
         assert not p_live.requires_grad and torch.equal(p_live, p_cached)
 
 
-def test_engine_fit_on_a_feature_set_equals_fit_on_the_dataset() -> None:
+@pytest.mark.parametrize("method", ["fastflow", "hgad"])
+def test_engine_fit_on_a_feature_set_equals_fit_on_the_dataset(method: str) -> None:
     """The engine's two paths: live extraction per batch versus a cache made up front.
 
-    One batch per epoch makes the result independent of the shuffling order (which the two paths draw
-    differently); the sums inside the batch may differ in order only, hence the tolerance.
+    Both paths draw the same shuffled batches (here three per epoch, in a different order each epoch),
+    and neither touches the global random state that HGAD's position sampling uses, so the losses agree
+    up to the float rounding of sums over different batch compositions.
     """
-    live_model = _model("fastflow", cache_features=False)
-    cached_model = _model("fastflow")
+    live_model = _model(method, cache_features=False)
+    cached_model = _model(method)
     data = TinyImages(6, live_model.config.input_size)
-    live = engine.fit(live_model, data, epochs=3, batch_size=6, progress=False)
-    cache = engine.extract_features(cached_model, data, batch_size=6, progress=False)
-    cached = engine.fit(cached_model, cache, epochs=3, batch_size=6, progress=False)
+    seed_everything(7)
+    live = engine.fit(live_model, data, epochs=3, batch_size=2, progress=False)
+    cache = engine.extract_features(cached_model, data, batch_size=4, progress=False)
+    seed_everything(7)
+    cached = engine.fit(cached_model, cache, epochs=3, batch_size=2, progress=False)
     live_losses = torch.tensor([h["loss"] for h in live])
     cached_losses = torch.tensor([h["loss"] for h in cached])
-    torch.testing.assert_close(cached_losses, live_losses, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cached_losses, live_losses, rtol=1e-4, atol=1e-4)
     assert live_losses[0] > live_losses[-1], "training did not lower the loss"
+    # a different shuffling seed gives different batches, hence different losses: the check can fail
+    other = engine.fit(_model(method), cache, epochs=3, batch_size=2, seed=1, progress=False)
+    assert not torch.allclose(torch.tensor([h["loss"] for h in other]), cached_losses, rtol=1e-4, atol=1e-4)
