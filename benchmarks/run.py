@@ -550,13 +550,15 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for run in report.get("previous_runs", []):
         lines += [f"Earlier run merged into this report: `{run['command']}` ({run['started']}, load average "
-                  f"{run['load_average_start']} → {run['load_average_end']}); the rows it measured are "
-                  "kept.", ""]
+                  f"{run['load_average_start']} → {run['load_average_end']}); the rows it measured and "
+                  "later runs did not repeat are kept.", ""]
     lines += [
         "Models are built without pretrained weights (speed does not depend on them). Medians of "
         f"{s['reps']} timed calls ({s['paper_reps']} for paper presets) after one warm-up. FLOPs count "
         "convolutions and matrix products (2 per multiply-add), per image. *bb* = frozen backbone "
-        "(`extract`), *head* = flow + scoring (`predict`) or flow + loss + backward + optimiser step.",
+        "(`extract`), *head* = flow + scoring (`predict`) or flow + loss + backward + optimiser step. "
+        "† = measured while the load average exceeded the number of cores (other work running): "
+        "slower and noisier than the machine can do.",
         "",
         "## Inference",
         "",
@@ -573,6 +575,10 @@ def markdown(report: dict[str, Any]) -> str:
             k = (r["method"], r["preset"])
             if k not in keys:
                 keys.append(k)
+    def tag(*rows: dict[str, Any] | None) -> str:  # measured while other work shared the cores
+        busy = [r for r in rows if r is not None and r.get("load_average", [0])[0] > m["usable_cores"]]
+        return " †" if busy else ""
+
     for method, preset in keys:
         b1 = _find(res, side="flowlib", method=method, preset=preset, kind="infer", batch=1, group=None)
         b16 = _find(res, side="flowlib", method=method, preset=preset, kind="infer",
@@ -584,7 +590,7 @@ def markdown(report: dict[str, Any]) -> str:
         rate = b1.get("achieved_gflop_per_s", {})
         cpu_rate = b1.get("achieved_gflop_per_cpu_s", {})
         lines.append(
-            f"| {method} | {preset} | {b1['backbone_name']} @ {b1['input_size']} | "
+            f"| {method} | {preset}{tag(b1, b16)} | {b1['backbone_name']} @ {b1['input_size']} | "
             f"{b1['trainable_parameters']:,} | "
             f"{g['backbone']:.3g} / {g['head']:.3g} ({share:.0f} %) | "
             f"{b1['ms_per_image']:.1f} ({1000 * b1['backbone']['median_s']:.1f} + "
@@ -620,7 +626,7 @@ def markdown(report: dict[str, Any]) -> str:
         mem = (f"{_num(live['memory']['peak_mb'] if live else None, '{:.0f}')} / "
                f"{_num(cached['memory']['peak_mb'] if cached else None, '{:.0f}')}")
         batch = (live or cached)["batch"]
-        lines.append(f"| {method} | {preset} | {batch} | {live_txt} | "
+        lines.append(f"| {method} | {preset}{tag(live, cached)} | {batch} | {live_txt} | "
                      f"{_num(cached['images_per_s'] if cached else None, '{:.2f}')} | "
                      f"{_num(speed, '{:.2f}×')} ({_num(cpu_speed, '{:.2f}×')}) | {_num(head_gf, '{:.3g}')} | "
                      f"{_num(rate, '{:.1f}')} ({_num(cpu_rate, '{:.1f}')}) | "
@@ -645,7 +651,7 @@ def markdown(report: dict[str, Any]) -> str:
             payoff = r["caching"]["median_s"] / gain if gain > 0 else None
             loss = r["first_epoch_loss"]
             lines.append(
-                f"| {r['method']} | {r['preset']} | {r['category']} ({r['images']}, {r['batch']}) | "
+                f"| {r['method']} | {r['preset']}{tag(r)} | {r['category']} ({r['images']}, {r['batch']}) | "
                 f"{r['live']['median_s']:.2f} | {r['cached']['median_s']:.2f} | "
                 f"{r['speedup']:.2f}× ({r['speedup_cpu_time']:.2f}×) | {r['caching']['median_s']:.2f} | "
                 f"{_num(payoff, '{:.1f} epochs')} | {loss['live']:.6g} / {loss['cached']:.6g} |")
@@ -700,7 +706,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _result_key(r: dict[str, Any]) -> tuple:
-    return (r["group"],) if r.get("group") else (r.get("side"), r.get("method"), r.get("preset"))
+    if r.get("group"):
+        return (r["group"],)
+    return (r.get("side"), r.get("method"), r.get("preset"), r.get("kind"), r.get("batch"))
 
 
 def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -817,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {r['load_average'][0]})", flush=True)
         anomalib_version = anomalib_version or r.get("anomalib_version")
         if spec["kind"] not in ("dump", "equivalence"):
+            r["run_started"] = started  # which run measured it, once reports are merged
             results.append(r)
     report = {
         "command": " ".join(shlex.quote(a) for a in
