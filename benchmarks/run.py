@@ -206,7 +206,11 @@ def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from flowlib.engine import extract_features, fit
 
     reps = int(spec.get("reps", 3))
-    live_model = _build({**spec, "overrides": {**spec.get("overrides", {}), "cache_features": False}}, device)
+
+    def build(cache: bool) -> Any:
+        return _build({**spec, "overrides": {**spec.get("overrides", {}), "cache_features": cache}}, device)
+
+    live_model = build(False)
     cfg = live_model.config
     train = load_dataset("demo", spec["category"], "train", image_size=cfg.input_size)
     batch = int(cfg.batch_size)
@@ -225,8 +229,7 @@ def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
     with PeakMemory(device) as mem_live:
         live_losses, live_wall, live_cpu = epochs(live_model, train)
-    cached_model = _build({**spec, "overrides": {**spec.get("overrides", {}), "cache_features": True}},
-                          device)
+    cached_model = build(True)
     with PeakMemory(device) as mem_cached:
         w0, c0 = stamp(device)
         features = extract_features(cached_model, train, batch, device, progress=False)
@@ -825,7 +828,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {r['load_average'][0]})", flush=True)
         anomalib_version = anomalib_version or r.get("anomalib_version")
         if spec["kind"] not in ("dump", "equivalence"):
-            r["run_started"] = started  # which run measured it, once reports are merged
             results.append(r)
     report = {
         "command": " ".join(shlex.quote(a) for a in

@@ -63,11 +63,13 @@ class FeatureSet:
     def __len__(self) -> int:
         return int(self.class_ids.shape[0])
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[Features, Tensor, Tensor]]:
-        """Yield ``(features, class_ids, indices)`` mini-batches."""
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                order: Tensor | None = None) -> Iterator[tuple[Features, Tensor, Tensor]]:
+        """Yield ``(features, class_ids, indices)`` mini-batches, in the sample ``order`` ``(N,)`` when
+        given, else shuffled (``randperm`` from ``generator``) or in storage order."""
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if order is None:
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             yield [f[idx] for f in self.features], self.class_ids[idx], idx
@@ -172,8 +174,7 @@ def fit(model: AnomalyModel, train: Dataset | FeatureSet, *, epochs: int | None 
         # one shuffled order for both paths: cached and live training see the same batches
         order = torch.randperm(len(train), generator=generator)
         if isinstance(train, FeatureSet):
-            batches = (([f[idx] for f in train.features], train.class_ids[idx])
-                       for idx in order.split(batch_size))
+            batches = ((f, c) for f, c, _ in train.batches(batch_size, order=order))
         else:
             loader = DataLoader(train, batch_size=batch_size, sampler=order.tolist(), num_workers=0,
                                 generator=torch.Generator().manual_seed(seed + epoch))  # not the global RNG
