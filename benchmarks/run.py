@@ -545,8 +545,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end "
         f"{report['load_average_end']}"
         + (" — the machine was busy with other work, so times are pessimistic and noisy."
-           if max(report['load_average_start'][0], report['load_average_end'][0]) > 0.5 * m['usable_cores']
-           else "."),
+           if max(report['load_average_start'][0], report['load_average_end'][0]) > m['usable_cores']
+           else " (a one-thread measurement itself adds about 1)."),
         "",
         f"Command: `{report['command']}`",
         "",
