@@ -25,7 +25,7 @@ import warnings
 from typing import Any
 
 import torch
-from timing import PeakMemory, count_flops, emit, set_threads, stamp, summary, sync, time_calls
+from timing import PeakMemory, count_flops, emit, set_threads, split_laps, summary, sync, time_calls
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,21 +118,6 @@ def check_parts(model: torch.nn.Module, parts: Parts, x: torch.Tensor) -> float:
                float((ref.pred_score.reshape(-1) - scores.reshape(-1)).abs().max()))
 
 
-def _laps(first, second, reps: int, device: torch.device) -> dict[str, tuple[list[float], list[float]]]:
-    laps: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("backbone", "head", "total")}
-    for _ in range(reps):
-        w0, c0 = stamp(device)
-        out = first()
-        w1, c1 = stamp(device)
-        second(out)
-        w2, c2 = stamp(device)
-        for key, (w, c) in (("backbone", (w1 - w0, c1 - c0)), ("head", (w2 - w1, c2 - c1)),
-                            ("total", (w2 - w0, c2 - c0))):
-            laps[key][0].append(w)
-            laps[key][1].append(c)
-    return laps
-
-
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement (``infer``, ``train_live``, ``train_cached`` or ``dump``) of one anomalib model."""
     set_threads(spec.get("threads"))
@@ -161,10 +146,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return _dump(model, loss_fn, images, x, spec, result)
     if kind == "infer":
         model.eval()
-        with torch.no_grad(), PeakMemory(device) as mem:
+        with torch.inference_mode(), PeakMemory(device) as mem:  # as Lightning's test/predict loops
             feats, bb_flops = count_flops(lambda: parts.backbone(x))
             _, head_flops = count_flops(lambda: parts.head(feats))
-            laps = _laps(lambda: parts.backbone(x), parts.head, reps, device)
+            laps = split_laps(lambda: parts.backbone(x), parts.head, reps, device)
         t = summary(*laps["total"])
         result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
                       memory=mem.result,
@@ -200,7 +185,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 feats = cached
             _, head_flops = count_flops(lambda: step(feats))
             if live:
-                laps = _laps(lambda: parts.backbone(x), step, reps, device)
+                laps = split_laps(lambda: parts.backbone(x), step, reps, device)
                 total = laps["total"]
                 result.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
             else:

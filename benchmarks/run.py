@@ -43,6 +43,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ from timing import (  # noqa: E402
     machine_info,
     parse_result,
     set_threads,
+    split_laps,
     stamp,
     summary,
     time_calls,
@@ -130,6 +132,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return fastflow_equivalence(spec, device)
     if spec["kind"] == "epoch":
         return epoch_times(spec, device)
+    if spec["kind"] == "infer_compiled":
+        return compiled_inference(spec, device)
     model = _build(spec, device)
     size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
     x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
@@ -138,10 +142,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                               "kind": spec["kind"], "batch": batch, "device": str(device), **_describe(model)}
     if spec["kind"] == "infer":
         model.eval()
-        with torch.no_grad(), PeakMemory(device) as mem:
+        with torch.inference_mode(), PeakMemory(device) as mem:
             feats, bb_flops = count_flops(lambda: model.extract(x))
             _, head_flops = count_flops(lambda: model.predict(feats, (size, size), class_ids))
-            laps = _split_laps(lambda: model.extract(x),
+            laps = split_laps(lambda: model.extract(x),
                                lambda f: model.predict(f, (size, size), class_ids), reps, device)
         t = summary(*laps["total"])
         result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
@@ -177,7 +181,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 feats = cached
             _, head_flops = count_flops(lambda: step(feats))
             if live:
-                laps = _split_laps(lambda: model.extract(x), step, reps, device)
+                laps = split_laps(lambda: model.extract(x), step, reps, device)
                 total = laps["total"]
                 result.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
             else:
@@ -190,6 +194,54 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["s_per_step"] = t["median_s"]
         return result
     raise ValueError(f"Unknown measurement kind {spec['kind']!r}.")
+
+
+def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Inference of the eager and the ``torch.compile``-d model (``compile_inference``), calls alternated.
+
+    One model; its eager ``extract``/``predict`` are kept before compiling. The first compiled call
+    (compilation) is timed on its own. Then each repetition times one eager and one compiled call, so
+    a change in the machine's speed hits both; the ratio is the median of the per-repetition ratios.
+    Also reports how far the compiled maps and scores are from the eager ones. The compiler's cache
+    starts empty (a temporary folder, removed afterwards).
+    """
+    # an empty compiler cache, so that compile_s is what a first run pays (a warm cache cuts it several-fold)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="flowlib-bench-inductor-")
+    model = _build(spec, device).eval()
+    size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
+    x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
+    class_ids = torch.zeros(batch, dtype=torch.long, device=device)
+    eager = (model.extract, model.predict)
+    model.compile_inference()
+    compiled = (model.extract, model.predict)
+    with torch.inference_mode():
+        feats, bb_flops = count_flops(lambda: eager[0](x))
+        (maps, scores), head_flops = count_flops(lambda: eager[1](feats, (size, size), class_ids))
+        w0, _ = stamp(device)
+        feats_c = compiled[0](x)
+        maps_c, scores_c = compiled[1](feats_c, (size, size), class_ids)
+        w1, _ = stamp(device)
+        laps = {"eager": [], "compiled": []}
+        for _ in range(reps):
+            for name, (extract, predict) in (("eager", eager), ("compiled", compiled)):
+                laps[name].append(split_laps(lambda e=extract: e(x),
+                                             lambda f, p=predict: p(f, (size, size), class_ids), 1, device))
+    out: dict[str, Any] = {"side": "flowlib", "method": spec["method"], "preset": spec["preset"],
+                           "kind": "infer_compiled", "batch": batch, "device": str(device),
+                           **_describe(model), "compile_s": w1 - w0,
+                           "flops": {"backbone": bb_flops, "head": head_flops,
+                                     "total": bb_flops + head_flops},
+                           "max_rel_diff_maps": float((maps_c - maps).abs().max()
+                                                      / maps.abs().max().clamp_min(1e-30)),
+                           "max_abs_diff_scores": float((scores_c - scores).abs().max())}
+    for name, runs in laps.items():
+        out[name] = {part: summary([r[part][0][0] for r in runs], [r[part][1][0] for r in runs])
+                     for part in ("backbone", "head", "total")}
+    shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
+    out["speedup"] = {part: statistics.median(e[part][0][0] / c[part][0][0]
+                                              for e, c in zip(laps["eager"], laps["compiled"]))
+                      for part in ("backbone", "head", "total")}
+    return out
 
 
 def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -244,22 +296,6 @@ def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
             "speedup_cpu_time": live["cpu_median_s"] / cached["cpu_median_s"],
             "first_epoch_loss": {"live": live_losses[0], "cached": cached_losses[0]},
             "memory": {"live": mem_live.result, "cached": mem_cached.result}}
-
-
-def _split_laps(first, second, reps: int, device: torch.device) -> dict[str, tuple[list[float], list[float]]]:
-    """Time ``second(first())`` ``reps`` times: wall and CPU seconds of each part and of the whole."""
-    laps: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("backbone", "head", "total")}
-    for _ in range(reps):
-        w0, c0 = stamp(device)
-        out = first()
-        w1, c1 = stamp(device)
-        second(out)
-        w2, c2 = stamp(device)
-        for key, (w, c) in (("backbone", (w1 - w0, c1 - c0)), ("head", (w2 - w1, c2 - c1)),
-                            ("total", (w2 - w0, c2 - c0))):
-            laps[key][0].append(w)
-            laps[key][1].append(c)
-    return laps
 
 
 def fastflow_equivalence(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -382,6 +418,8 @@ def plan_flowlib(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any
             infer_batches = [1] if (large and cpu) else [1, args.throughput_batch]
             for b in infer_batches:
                 specs.append({**base, "kind": "infer", "batch": b})
+            if preset in args.compiled:
+                specs.append({**base, "kind": "infer_compiled", "batch": 1})
             if large and args.skip_paper_training:
                 continue
             train_batch = 1 if (large and cpu) else int(cfg.batch_size)
@@ -406,6 +444,8 @@ def plan_peers(args: argparse.Namespace, log: list[str]) -> list[tuple[str, dict
     for method in args.methods:
         if method not in PEERS:
             continue
+        log.append(f"{method}: also runs the anomalib comparison ({args.peer_rounds} round(s); --no-peers "
+                   "leaves it out, and with --merge the new rounds replace the report's earlier ones)")
         peer = PEERS[method]
         ours = {"side": "flowlib", **peer["ours"], "reps": args.reps, "group": f"peer:{method}"}
         theirs = {"side": "anomalib", **peer["anomalib"], "reps": args.reps, "group": f"peer:{method}"}
@@ -658,6 +698,37 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['live']['median_s']:.2f} | {r['cached']['median_s']:.2f} | "
                 f"{r['speedup']:.2f}× ({r['speedup_cpu_time']:.2f}×) | {r['caching']['median_s']:.2f} | "
                 f"{_num(payoff, '{:.1f} epochs')} | {loss['live']:.6g} / {loss['cached']:.6g} |")
+    compiled = [r for r in res if r.get("kind") == "infer_compiled" and "error" not in r]
+    if compiled:
+        lines += [
+            "",
+            "## Compiled inference (`model.compile_inference()`, `torch.compile` with its defaults)",
+            "",
+            "One process per row: the eager and the compiled model alternate call by call; the speed-up is "
+            "the median of the per-call ratios. *compile s*: the first compiled call (paid once per input "
+            "shape). The maps and scores are compared with the eager model's. *vs eager alone*: the `infer` "
+            "row's batch-1 time (eager model in a process of its own, measured minutes apart) over the "
+            "compiled time; a cross-check, noisier than the alternated ratio.",
+            "",
+            "| method | preset | batch | eager ms (bb + head) | compiled ms (bb + head) | "
+            "speed-up bb / head / total | vs eager alone | achieved GFLOP/s bb / head, compiled "
+            "| compile s | max rel. map diff |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            e, c, sp, fl = r["eager"], r["compiled"], r["speedup"], r["flops"]
+            rate = [fl[part] / 1e9 / c[part]["median_s"] for part in ("backbone", "head")]
+            alone = _find(res, side="flowlib", method=r["method"], preset=r["preset"], kind="infer",
+                          batch=r["batch"], group=None)
+            vs_alone = alone["total"]["median_s"] / c["total"]["median_s"] if alone else None
+            lines.append(
+                f"| {r['method']} | {r['preset']}{tag(r)} | {r['batch']} | "
+                f"{1000 * e['total']['median_s']:.1f} ({1000 * e['backbone']['median_s']:.1f} + "
+                f"{1000 * e['head']['median_s']:.1f}) | {1000 * c['total']['median_s']:.1f} "
+                f"({1000 * c['backbone']['median_s']:.1f} + {1000 * c['head']['median_s']:.1f}) | "
+                f"{sp['backbone']:.2f}× / {sp['head']:.2f}× / **{sp['total']:.2f}×** | "
+                f"{_num(vs_alone, '{:.2f}×')} | "
+                f"{rate[0]:.1f} / {rate[1]:.1f} | {r['compile_s']:.0f} | {r['max_rel_diff_maps']:.1e} |")
     if report["peers"]:
         lines += ["", "## flowlib vs anomalib (same inputs, same batch, same machine, sides alternated)", ""]
         for method in dict.fromkeys(p["method"] for p in report["peers"]):
@@ -769,6 +840,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-category", default="brick",
                         help="built-in category whose training epochs are timed, live and cached, for the "
                              "quick presets ('' to leave this out; default: %(default)s)")
+    parser.add_argument("--compiled", default="quick",
+                        help="presets whose inference is also timed compiled (torch.compile), beside the "
+                             "eager model, at batch 1 ('' to leave this out; default: %(default)s)")
     parser.add_argument("--skip-paper-training", action="store_true",
                         help="measure only inference for the (large) paper presets")
     parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
@@ -787,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    args.compiled = [p.strip() for p in args.compiled.split(",") if p.strip()]
     device = torch.device(args.device)
     common = {"device": args.device, "threads": args.threads, "seed": 0, "input_seed": 1234}
     log: list[str] = []
@@ -819,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max |map diff| {r['max_abs_diff_anomaly_map']:.2e}", flush=True)
         elif spec["kind"] == "dump":
             print("ok", flush=True)
+        elif spec["kind"] == "infer_compiled":
+            print(f"compiled in {r['compile_s']:.0f} s, {r['speedup']['total']:.2f}x faster than eager "
+                  f"(load {r.get('load_average', ['?'])[0]})", flush=True)
         elif spec["kind"] == "epoch":
             print(f"{r['live']['median_s']:.2f} s/epoch live, {r['cached']['median_s']:.2f} s/epoch cached "
                   f"(load {r.get('load_average', ['?'])[0]})", flush=True)

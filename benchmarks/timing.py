@@ -133,6 +133,26 @@ def time_calls(fn: Callable[[], Any], reps: int, device: torch.device) -> tuple[
     return wall, cpu
 
 
+def split_laps(first: Callable[[], Any], second: Callable[[Any], Any], reps: int, device: torch.device
+               ) -> dict[str, tuple[list[float], list[float]]]:
+    """Time ``second(first())`` ``reps`` times: wall and CPU seconds of each part and of the whole.
+
+    Returns ``{"backbone": (wall, cpu), "head": (wall, cpu), "total": (wall, cpu)}`` (lists of seconds).
+    """
+    laps: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ("backbone", "head", "total")}
+    for _ in range(reps):
+        w0, c0 = stamp(device)
+        out = first()
+        w1, c1 = stamp(device)
+        second(out)
+        w2, c2 = stamp(device)
+        for key, (w, c) in (("backbone", (w1 - w0, c1 - c0)), ("head", (w2 - w1, c2 - c1)),
+                            ("total", (w2 - w0, c2 - c0))):
+            laps[key][0].append(w)
+            laps[key][1].append(c)
+    return laps
+
+
 def summary(wall: list[float], cpu: list[float] | None = None) -> dict[str, float]:
     """Median and minimum wall time, and the median CPU time (robust to other processes on a busy
     machine when a measurement uses one thread)."""

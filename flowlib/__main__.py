@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True)
     predict.add_argument("--category", default=None, help="category of the images (unified models)")
     predict.add_argument("--device", default=None)
+    predict.add_argument("--compile", action="store_true",
+                         help="torch.compile the model first (slow start, faster per image: for many images)")
 
     sub.add_parser("methods", help="list the registered methods and their presets")
     return parser
@@ -102,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flowlib.predict import predict_images
 
         entries = predict_images(args.checkpoint, args.images, args.out, device=args.device,
-                                 category=args.category)
+                                 category=args.category, compile=args.compile)
         for e in entries:
             verdict = "" if "defective" not in e else ("  DEFECTIVE" if e["defective"] else "  good")
             print(f"{e['score']:.5g}{verdict}  {e['image']}")

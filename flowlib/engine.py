@@ -225,7 +225,7 @@ class EvalResult:
     ms_per_image: float
 
 
-@torch.no_grad()
+@torch.inference_mode()  # a little cheaper than no_grad; nothing computed here is ever trained on
 def evaluate(model: AnomalyModel, test: Dataset | FeatureSet, *, device: str | torch.device | None = None,
              batch_size: int | None = None, progress: bool = True) -> EvalResult:
     """Anomaly maps, image scores and metrics of ``model`` on a test set (dataset or cached features)."""

@@ -41,13 +41,14 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 
 def predict_images(checkpoint: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike,
                    device: str | None = None, category: str | None = None,
-                   batch_size: int = 8) -> list[dict]:
+                   batch_size: int = 8, compile: bool = False) -> list[dict]:
     """Score every image of ``source`` (a file or a folder) with the model in ``checkpoint``.
 
     Writes to ``out``: ``<name>_map.npy`` (the anomaly map at the model's input size),
     ``<name>_overlay.png`` and ``scores.json`` (score per image, plus a ``defective`` verdict when the
     checkpoint stores an image threshold, which was chosen at best F1 on its test set).
-    Returns the list of per-image entries written to ``scores.json``.
+    Returns the list of per-image entries written to ``scores.json``. ``compile=True`` compiles the
+    model first (:meth:`~flowlib.models.base.AnomalyModel.compile_inference`): worth it for many images.
     """
     import matplotlib
 
@@ -58,6 +59,8 @@ def predict_images(checkpoint: str | os.PathLike, source: str | os.PathLike, out
 
     device_t = get_device(device)
     model, extra = load_checkpoint(checkpoint, device=device_t)
+    if compile:
+        model.compile_inference()
     cats = extra.get("categories") or []
     if category is None and len(cats) > 1:
         raise ValueError(f"{checkpoint} is a unified model over {cats}; pass --category to say which one the "

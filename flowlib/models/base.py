@@ -25,6 +25,29 @@ from torch import Tensor, nn
 
 Features = list[Tensor]
 
+# device types whose fused Adam kernel PyTorch ships (torch >= 2.4)
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam(params: Any, **kwargs: Any) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with PyTorch's fused kernel where every parameter allows it.
+
+    The fused kernel updates each parameter in one pass instead of a dozen elementwise ops; on a CPU
+    it makes the step 4-8× faster (2.1 s → 0.27 s for CS-Flow's 275 M parameters) and agrees with the
+    default implementation up to float rounding (``tests/test_optimizer.py``). Parameters on other
+    devices, or not floating point, get the default implementation.
+
+    Args:
+        params: parameters or parameter groups, as for ``torch.optim.Adam``.
+        **kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... (``fused`` overrides the choice).
+    """
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if "fused" not in kwargs and "foreach" not in kwargs:
+        kwargs["fused"] = bool(tensors) and all(
+            p.device.type in _FUSED_ADAM_DEVICES and p.is_floating_point() for p in tensors)
+    return torch.optim.Adam(groups, **kwargs)
+
 
 @dataclass
 class MethodConfig:
@@ -107,8 +130,25 @@ class AnomalyModel(nn.Module):
                              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         """Optimizer over the trainable parameters and an optional scheduler stepped every iteration."""
         cfg = self.config
-        opt = torch.optim.Adam(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return opt, None
+        return adam(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), None
+
+    def compile_inference(self, **options: Any) -> AnomalyModel:
+        """Compile :meth:`extract` and :meth:`predict` with ``torch.compile``; returns ``self``.
+
+        Everything that calls them (:func:`flowlib.engine.evaluate`, :func:`flowlib.predict.predict_images`,
+        the benchmarks) then runs the compiled versions. The first call for each new input shape
+        compiles (20-70 s per function for the quick presets on two CPU cores; a smaller last batch is
+        a new shape), so it pays off when many images are scored, not for one quick-mode test set.
+        Measured with one CPU thread at batch 1: Lite0 backbone 59 → 36 ms, FastFlow quick head 18 → 12
+        ms, MSFlow quick head 22 → 14 ms (``benchmarks/``). Outputs agree with the eager model up to
+        float rounding (``tests/test_compile.py``). Training is not compiled.
+
+        Args:
+            **options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``dynamic=True``).
+        """
+        self.extract = torch.compile(self.extract, **options)  # instance attributes shadow the methods
+        self.predict = torch.compile(self.predict, **options)
+        return self
 
     # -- helpers -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from flowlib.backbones import FeatureExtractor
 from flowlib.cross_scale import check_pyramid_size, cross_scale_flow, pyramid_features
-from flowlib.models.base import AnomalyModel, Features, MethodConfig, register_method
+from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
 
 ANOMALY_MAPS = ("product", "largest")
 
@@ -165,6 +165,6 @@ class CSFlow(AnomalyModel):
     def configure_optimizers(self, steps_per_epoch: int
                              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         cfg = self.config
-        opt = torch.optim.Adam(self.trainable_parameters(), lr=cfg.lr, eps=cfg.adam_eps,
+        opt = adam(self.trainable_parameters(), lr=cfg.lr, eps=cfg.adam_eps,
                                weight_decay=cfg.weight_decay)
         return opt, None

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from flowlib.backbones import FeatureExtractor
 from flowlib.coupling import AllInOneCoupling, SequentialFlow
 from flowlib.mixture import LOG_NORMAL_CONST, HierarchicalGaussianMixture, total_loss
-from flowlib.models.base import AnomalyModel, Features, MethodConfig, register_method
+from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
 from flowlib.positional import positional_encoding_2d
 from flowlib.subnets import mlp_subnet
 
@@ -452,7 +452,7 @@ class HGAD(AnomalyModel):
         if centres:
             groups += [{"params": centres, "lr": cfg.lr * cfg.centre_lr_factor, "weight_decay": 0.0},
                        {"params": logits, "lr": cfg.lr, "weight_decay": 0.0}]
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        optimizer = adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
         schedule = CosineWarmup(self._steps_per_epoch, cfg.epochs, cfg.sub_epochs, cfg.warmup_epochs,
                                 cfg.lr_min_factor)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

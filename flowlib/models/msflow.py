@@ -28,7 +28,7 @@ from flowlib.aggregation import detection_map, localisation_map, log_likelihood_
 from flowlib.backbones import FeatureExtractor
 from flowlib.coupling import AllInOneCoupling, SequentialFlow
 from flowlib.fusion import fusion_flow
-from flowlib.models.base import AnomalyModel, Features, MethodConfig, register_method
+from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
 from flowlib.positional import positional_encoding_2d
 from flowlib.subnets import conv_ln_subnet
 
@@ -200,7 +200,7 @@ class MSFlow(AnomalyModel):
 
     def configure_optimizers(self, steps_per_epoch: int):
         cfg = self.config
-        opt = torch.optim.Adam(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = adam(self.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step // max(1, steps_per_epoch), cfg))
         return opt, sched
