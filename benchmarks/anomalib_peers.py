@@ -25,7 +25,17 @@ import warnings
 from typing import Any
 
 import torch
-from timing import PeakMemory, count_flops, emit, set_threads, split_laps, summary, sync, time_calls
+from timing import (
+    PeakMemory,
+    count_flops,
+    emit,
+    inference_context,
+    set_threads,
+    split_laps,
+    summary,
+    sync,
+    time_calls,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,7 +156,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return _dump(model, loss_fn, images, x, spec, result)
     if kind == "infer":
         model.eval()
-        with torch.inference_mode(), PeakMemory(device) as mem:  # as Lightning's test/predict loops
+        with inference_context(spec), PeakMemory(device) as mem:
             feats, bb_flops = count_flops(lambda: parts.backbone(x))
             _, head_flops = count_flops(lambda: parts.head(feats))
             laps = split_laps(lambda: parts.backbone(x), parts.head, reps, device)
@@ -154,6 +164,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
                       memory=mem.result,
                       flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
+        result["grad_mode"] = spec.get("grad_mode", "inference")
         result["ms_per_image"] = 1000 * t["median_s"] / batch
         result["images_per_s"] = batch / t["median_s"]
         return result

@@ -65,6 +65,7 @@ from timing import (  # noqa: E402
     PeakMemory,
     count_flops,
     emit,
+    inference_context,
     load_average,
     machine_info,
     parse_result,
@@ -80,11 +81,14 @@ ANOMALIB_PYTHON = HERE / ".venv-anomalib" / "bin" / "python"
 
 #: flowlib's configuration that does the same computation as anomalib's default model, and anomalib's
 #: constructor arguments. Batch 8 for training is the reference measurement quoted in the README.
+# Both sides of a pair time inference under the same autograd mode. anomalib's FastFlow fails under
+# torch.inference_mode() here (its flow asks autograd for a grad_fn), so that pair uses no_grad.
 PEERS: dict[str, dict[str, Any]] = {
     "fastflow": {
-        "ours": {"method": "fastflow", "preset": "paper-resnet18", "overrides": {"conv3x3_only": False}},
+        "ours": {"method": "fastflow", "preset": "paper-resnet18", "overrides": {"conv3x3_only": False},
+                 "grad_mode": "no_grad"},
         "anomalib": {"method": "fastflow", "backbone": "resnet18", "input_size": 256, "flow_steps": 8,
-                     "conv3x3_only": False, "hidden_ratio": 1.0},
+                     "conv3x3_only": False, "hidden_ratio": 1.0, "grad_mode": "no_grad"},
         "label": "FastFlow, ResNet-18, 256 px, 8 steps, 3×3/1×1 subnets",
     },
     "csflow": {
@@ -142,7 +146,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                               "kind": spec["kind"], "batch": batch, "device": str(device), **_describe(model)}
     if spec["kind"] == "infer":
         model.eval()
-        with torch.inference_mode(), PeakMemory(device) as mem:
+        with inference_context(spec), PeakMemory(device) as mem:
             feats, bb_flops = count_flops(lambda: model.extract(x))
             _, head_flops = count_flops(lambda: model.predict(feats, (size, size), class_ids))
             laps = split_laps(lambda: model.extract(x),
@@ -151,6 +155,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
                       memory=mem.result,
                       flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
+        result["grad_mode"] = spec.get("grad_mode", "inference")
         result["ms_per_image"] = 1000 * t["median_s"] / batch
         result["images_per_s"] = batch / t["median_s"]
         return result

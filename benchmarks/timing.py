@@ -176,6 +176,15 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return out, int(counter.get_total_flops())
 
 
+def inference_context(spec: dict[str, Any]) -> Any:
+    """The autograd mode inference is timed under: ``spec["grad_mode"]``, ``"inference"`` (default,
+    ``torch.inference_mode()``, what ``engine.evaluate`` uses) or ``"no_grad"``."""
+    mode = spec.get("grad_mode", "inference")
+    if mode not in ("inference", "no_grad"):
+        raise ValueError(f"grad_mode={mode!r}: use 'inference' or 'no_grad'.")
+    return torch.inference_mode() if mode == "inference" else torch.no_grad()
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
