@@ -122,3 +122,33 @@ def test_engine_fit_on_a_feature_set_equals_fit_on_the_dataset(method: str) -> N
     # a different shuffling seed gives different batches, hence different losses: the check can fail
     other = engine.fit(_model(method), cache, epochs=3, batch_size=2, seed=1, progress=False)
     assert not torch.allclose(torch.tensor([h["loss"] for h in other]), cached_losses, rtol=1e-4, atol=1e-4)
+
+
+class _LabelledTinyImages(TinyImages):
+    """Odd samples are "defective", with a square of defect pixels (a test set for ``evaluate``)."""
+
+    def __getitem__(self, i: int) -> dict:
+        sample = super().__getitem__(i)
+        if i % 2:
+            sample["label"], sample["defect"] = 1, "square"
+            sample["mask"][:, :8, :8] = 1.0
+        return sample
+
+
+@pytest.mark.parametrize("method", ["fastflow", "hgad"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_goes_on_after_an_evaluation_in_inference_mode(method, cache):
+    """``evaluate`` runs under ``torch.inference_mode()``; nothing it computes may leak into training.
+
+    An inference tensor kept by the model (a cached buffer, a stored statistic) would make the next
+    backward pass fail, so train, evaluate every epoch, and check that every epoch trained.
+    """
+    model = _model(method, cache_features=cache)
+    side = SMALL[method]["input_size"]
+    data = TinyImages(4, side)
+    history = engine.fit(model, data, epochs=2, batch_size=2, seed=0, progress=False,
+                         eval_set=_LabelledTinyImages(4, side, seed=1), eval_every=1)
+    assert len(history) == 2 and all("metrics" in h for h in history)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    for p in model.trainable_parameters():
+        assert not p.is_inference()
