@@ -43,7 +43,6 @@ import importlib
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -150,7 +149,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             feats, bb_flops = count_flops(lambda: model.extract(x))
             _, head_flops = count_flops(lambda: model.predict(feats, (size, size), class_ids))
             laps = split_laps(lambda: model.extract(x),
-                               lambda f: model.predict(f, (size, size), class_ids), reps, device)
+                              lambda f: model.predict(f, (size, size), class_ids), reps, device)
         t = summary(*laps["total"])
         result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
                       memory=mem.result,
@@ -210,27 +209,32 @@ def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, 
     Also reports how far the compiled maps and scores are from the eager ones. The compiler's cache
     starts empty (a temporary folder, removed afterwards).
     """
-    # an empty compiler cache, so that compile_s is what a first run pays (a warm cache cuts it several-fold)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="flowlib-bench-inductor-")
     model = _build(spec, device).eval()
     size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
     x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
     class_ids = torch.zeros(batch, dtype=torch.long, device=device)
     eager = (model.extract, model.predict)
     model.compile_inference()
-    compiled = (model.extract, model.predict)
-    with torch.inference_mode():
+    sides = {"eager": eager, "compiled": (model.extract, model.predict)}
+
+    def lap(extract: Any, predict: Any) -> dict[str, tuple[float, float]]:
+        """``{part: (wall, cpu)}`` seconds of one ``predict(extract(x))``."""
+        laps = split_laps(lambda: extract(x), lambda f: predict(f, (size, size), class_ids), 1, device)
+        return {part: (wall[0], cpu[0]) for part, (wall, cpu) in laps.items()}
+
+    runs: dict[str, list[dict[str, tuple[float, float]]]] = {name: [] for name in sides}
+    # an empty compiler cache, so that compile_s is what a first run pays (a warm cache cuts it several-fold)
+    with tempfile.TemporaryDirectory(prefix="flowlib-bench-inductor-") as cache, torch.inference_mode():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         feats, bb_flops = count_flops(lambda: eager[0](x))
         (maps, scores), head_flops = count_flops(lambda: eager[1](feats, (size, size), class_ids))
         w0, _ = stamp(device)
-        feats_c = compiled[0](x)
-        maps_c, scores_c = compiled[1](feats_c, (size, size), class_ids)
+        maps_c, scores_c = sides["compiled"][1](sides["compiled"][0](x), (size, size), class_ids)
         w1, _ = stamp(device)
-        laps = {"eager": [], "compiled": []}
         for _ in range(reps):
-            for name, (extract, predict) in (("eager", eager), ("compiled", compiled)):
-                laps[name].append(split_laps(lambda e=extract: e(x),
-                                             lambda f, p=predict: p(f, (size, size), class_ids), 1, device))
+            for name, (extract, predict) in sides.items():  # eager, then compiled
+                runs[name].append(lap(extract, predict))
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     out: dict[str, Any] = {"side": "flowlib", "method": spec["method"], "preset": spec["preset"],
                            "kind": "infer_compiled", "batch": batch, "device": str(device),
                            **_describe(model), "compile_s": w1 - w0,
@@ -239,13 +243,12 @@ def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, 
                            "max_rel_diff_maps": float((maps_c - maps).abs().max()
                                                       / maps.abs().max().clamp_min(1e-30)),
                            "max_abs_diff_scores": float((scores_c - scores).abs().max())}
-    for name, runs in laps.items():
-        out[name] = {part: summary([r[part][0][0] for r in runs], [r[part][1][0] for r in runs])
-                     for part in ("backbone", "head", "total")}
-    shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
-    out["speedup"] = {part: statistics.median(e[part][0][0] / c[part][0][0]
-                                              for e, c in zip(laps["eager"], laps["compiled"]))
-                      for part in ("backbone", "head", "total")}
+    parts = ("backbone", "head", "total")
+    for name, laps in runs.items():
+        out[name] = {part: summary([lp[part][0] for lp in laps], [lp[part][1] for lp in laps])
+                     for part in parts}
+    pairs = list(zip(runs["eager"], runs["compiled"]))
+    out["speedup"] = {part: statistics.median(e[part][0] / c[part][0] for e, c in pairs) for part in parts}
     return out
 
 

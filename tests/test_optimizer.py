@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowlib.config import seed_everything
-from flowlib.models import build_model
+from flowlib.models import base, build_model
 from flowlib.models.base import adam
 
 SMALL = {
@@ -35,22 +35,21 @@ def test_every_method_gets_the_fused_adam_on_the_cpu(method):
     assert optimizer.defaults["fused"] is True
 
 
-def _trajectory(method: str, fused: bool, steps: int = 6) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train a small model for ``steps`` steps on fixed features with the fused or the plain Adam."""
+def _trajectory(method: str, fused: bool, monkeypatch, steps: int = 6
+                ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train a small model for ``steps`` steps on fixed features with the fused or the plain Adam.
+
+    The method's own ``configure_optimizers`` builds both (same groups, settings and schedule); the plain
+    one is had by offering the fused kernel on no device.
+    """
+    if not fused:
+        monkeypatch.setattr(base, "_FUSED_ADAM_DEVICES", ())
     model = _model(method)
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(4, 3, model.config.input_size, model.config.input_size, generator=gen)
     features = model.extract(images)
     optimizer, scheduler = model.configure_optimizers(steps_per_epoch=2)
-    # rebuild the method's own optimizer (same groups and settings) with the implementation under test
-    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
-    defaults = {k: v for k, v in optimizer.defaults.items() if k not in ("fused", "foreach")}
-    optimizer = adam(groups, **defaults, fused=fused)
-    if scheduler is not None:  # same schedule, bound to the rebuilt optimizer
-        lambdas = scheduler.lr_lambdas
-        for g in optimizer.param_groups:
-            g["lr"] = g.pop("initial_lr", g["lr"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    assert optimizer.defaults["fused"] is fused
     model.train()
     seed_everything(5)  # HGAD samples positions per step: the same ones for both implementations
     losses = []
@@ -62,13 +61,14 @@ def _trajectory(method: str, fused: bool, steps: int = 6) -> tuple[list[float], 
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
+    monkeypatch.undo()
     return losses, {k: v.detach().clone() for k, v in model.head_state_dict().items()}
 
 
 @pytest.mark.parametrize("method", sorted(SMALL))
-def test_fused_adam_follows_the_default_adam(method):
-    losses_fused, state_fused = _trajectory(method, fused=True)
-    losses_plain, state_plain = _trajectory(method, fused=False)
+def test_fused_adam_follows_the_default_adam(method, monkeypatch):
+    losses_fused, state_fused = _trajectory(method, True, monkeypatch)
+    losses_plain, state_plain = _trajectory(method, False, monkeypatch)
     assert losses_fused == pytest.approx(losses_plain, rel=1e-4, abs=1e-6)
     initial = _model(method).head_state_dict()
     moved = 0

@@ -137,11 +137,12 @@ class AnomalyModel(nn.Module):
 
         Everything that calls them (:func:`flowlib.engine.evaluate`, :func:`flowlib.predict.predict_images`,
         the benchmarks) then runs the compiled versions. The first call for each new input shape
-        compiles (20-70 s per function for the quick presets on two CPU cores; a smaller last batch is
-        a new shape), so it pays off when many images are scored, not for one quick-mode test set.
-        Measured with one CPU thread at batch 1: Lite0 backbone 59 → 36 ms, FastFlow quick head 18 → 12
-        ms, MSFlow quick head 22 → 14 ms (``benchmarks/``). Outputs agree with the eager model up to
-        float rounding (``tests/test_compile.py``). Training is not compiled.
+        compiles (1-2.5 min for a quick preset on two CPU cores with an empty compiler cache; a smaller
+        last batch is a new shape), so it pays off when many images are scored, not for one quick-mode
+        test set. Measured with one CPU thread at batch 1 (``benchmarks/results/bench_cpu.md``): the
+        FastFlow, MSFlow and HGAD quick presets ran 1.6× faster, CS-Flow's 1.1×. Outputs agree with the
+        eager model up to float rounding (``tests/test_compile.py``). Training is not compiled. Call it
+        once per model: a second call would compile the compiled functions again.
 
         Args:
             **options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``dynamic=True``).

@@ -165,6 +165,5 @@ class CSFlow(AnomalyModel):
     def configure_optimizers(self, steps_per_epoch: int
                              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         cfg = self.config
-        opt = adam(self.trainable_parameters(), lr=cfg.lr, eps=cfg.adam_eps,
-                               weight_decay=cfg.weight_decay)
+        opt = adam(self.trainable_parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         return opt, None
