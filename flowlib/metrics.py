@@ -214,6 +214,8 @@ def _exact_groups(neg: np.ndarray, pos: np.ndarray, cumw: np.ndarray | None = No
         first[0] = a == 0 or neg[a - 1] != s[0]
         np.not_equal(s[1:], s[:-1], out=first[1:])
         start = np.flatnonzero(first)[::-1] + a
+        if start.size == 0:  # the whole chunk continues a tie group that starts further down
+            continue
         u = neg[start]
         right = np.searchsorted(neg, u, side="right")
         lo = np.searchsorted(pos, u, side="left")

@@ -166,6 +166,24 @@ def test_pixel_auroc_and_f1_match_sklearn(method: str, seed: int) -> None:
     assert M.pixel_f1_at_threshold(masks, maps, thr) == pytest.approx(f1, abs=1e-12)
 
 
+def test_pixel_metrics_with_a_tie_larger_than_a_processing_chunk() -> None:
+    """Maps where most good pixels share one score (a saturated map) across a whole chunk of the exact
+    sweep (2**16 scores): this once made the sweep hand an empty group to the F1 search."""
+    rng = np.random.default_rng(0)
+    maps = np.full((3, 160, 160), 0.5, dtype=np.float32)
+    masks = np.zeros(maps.shape, dtype=np.uint8)
+    masks[0, 40:60, 40:70] = 1
+    maps[0, 40:60, 40:70] = rng.uniform(0.3, 0.9, (20, 30))  # defects: some below, most above the tie
+    maps[1, :10] = rng.uniform(0.0, 0.5, (10, 160))  # a few good pixels below the tie
+    y, sc = masks.ravel() != 0, maps.ravel()
+    assert np.count_nonzero(~y & (sc == 0.5)) > 2**16 + 10
+    assert M.pixel_auroc(masks, maps, method="exact") == pytest.approx(roc_auc_score(y, sc), abs=1e-12)
+    f1, thr = M.pixel_best_f1(masks, maps, method="exact")
+    assert f1 == pytest.approx(_sklearn_best_f1(y, sc), abs=1e-12)
+    assert M.pixel_f1_at_threshold(masks, maps, thr) == pytest.approx(f1, abs=1e-12)
+    assert 0.0 < M.aupro(masks, maps, method="exact") < 1.0
+
+
 def test_pixel_inputs_torch_4d_and_lists_agree() -> None:
     masks, maps = _pixel_data(5)
     ref = M.pixel_metrics(masks, maps)
