@@ -41,6 +41,23 @@ def _image_max(maps: Tensor) -> Tensor:
     return maps.flatten(1).amax(dim=1).view(-1, 1, 1)
 
 
+def _total(maps: Sequence[Tensor]) -> Tensor:
+    """Sum of equally shaped maps, starting from the first (no ``0 + map`` copy)."""
+    if not maps:
+        raise ValueError("MSFlow's aggregation needs at least one per-scale map.")
+    total = maps[0]
+    for m in maps[1:]:
+        total = total + m
+    return total
+
+
+#: Exponents below this give ``1 − exp(·) == 1`` exactly in float32 and float64 alike
+#: (``exp(−40) ≈ 4e−18`` is under half an ulp of 1 in both), so clamping them changes no value of
+#: ``A_mul``; it keeps ``exp`` out of subnormal results, which cost a CPU about ten times more per
+#: element (0.8 ms instead of 0.07 ms for one 256² map).
+_EXP_FLOOR = -40.0
+
+
 def detection_map(logps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     """MSFlow's multiplicative map ``A_mul`` ``(B, H, W)`` from per-scale maps ``(B, H_l, W_l)``.
 
@@ -51,8 +68,8 @@ def detection_map(logps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         tensor([[[0.6321, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    total = sum(_upsample(lp, size) for lp in logps)
-    prob = torch.exp(total - _image_max(total))
+    total = _total([_upsample(lp, size) for lp in logps])
+    prob = torch.exp((total - _image_max(total)).clamp_min_(_EXP_FLOOR))
     return _image_max(prob) - prob
 
 
@@ -66,7 +83,7 @@ def localisation_map(logps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         tensor([[[0.6321, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    total = sum(_upsample(torch.exp(lp - _image_max(lp)), size) for lp in logps)
+    total = _total([_upsample(torch.exp(lp - _image_max(lp)), size) for lp in logps])
     return _image_max(total) - total
 
 

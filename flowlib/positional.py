@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -39,3 +40,25 @@ def positional_encoding_2d(channels: int, height: int, width: int,
     pe[d::2] = torch.sin(ay)[:, :, None].expand(-1, -1, width)
     pe[d + 1::2] = torch.cos(ay)[:, :, None].expand(-1, -1, width)
     return pe.to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=32)
+def _shared_encoding(channels: int, height: int, width: int, device: torch.device, dtype: torch.dtype
+                     ) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+        return positional_encoding_2d(channels, height, width, device=device, dtype=dtype)
+
+
+def shared_positional_encoding(channels: int, height: int, width: int,
+                               device: torch.device | str | None = None,
+                               dtype: torch.dtype = torch.float32) -> Tensor:
+    """:func:`positional_encoding_2d`, built once per ``(channels, height, width, device, dtype)``.
+
+    The models ask for the same grids at every forward pass; building one costs about 0.1 ms on a CPU
+    (a tenth of a small flow head at batch 1). The returned ``(channels, height, width)`` tensor is
+    shared between callers: treat it as read-only (take a copy before any in-place change).
+    """
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is not None and compiling():  # a compiled graph folds the encoding into a constant itself
+        return positional_encoding_2d(channels, height, width, device=device, dtype=dtype)
+    return _shared_encoding(channels, height, width, torch.device(device or "cpu"), dtype)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flowcheck import jacobian_log_det, randomize
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from flowlib.aggregation import (
     detection_map,
@@ -139,6 +140,24 @@ def test_upsampling_is_bilinear_with_aligned_corners() -> None:
     torch.testing.assert_close(loc, expected)
     det = detection_map([lp], (3, 3))
     torch.testing.assert_close(det[0, 1, 1], torch.tensor(1 - math.exp(-1.0)))  # centre log-lik is -1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_detection_map_unchanged_by_its_exponent_floor(dtype: torch.dtype) -> None:
+    """The floor on exp's argument (it keeps exp out of slow subnormal results) changes no value."""
+    gen = torch.Generator().manual_seed(0)
+    logps = [-torch.rand(2, 8, 8, generator=gen, dtype=dtype) * 400.0,
+             -torch.rand(2, 4, 4, generator=gen, dtype=dtype) * 400.0]
+    logps[0][0, 3, 3] = 5.0  # one position far more likely than the rest
+    up = [F.interpolate(lp[:, None], size=(32, 32), mode="bilinear", align_corners=True)[:, 0]
+          for lp in logps]
+    total = up[0] + up[1]
+    shifted = total - total.flatten(1).amax(1).view(-1, 1, 1)
+    assert (shifted < -100).float().mean() > 0.5  # the floor binds for most positions
+    prob = torch.exp(shifted)  # the definition, no floor
+    expected = prob.flatten(1).amax(1).view(-1, 1, 1) - prob
+    det = detection_map(logps, (32, 32))
+    torch.testing.assert_close(det, expected, rtol=0, atol=0)
 
 
 def test_scores_from_latents() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowlib.positional import positional_encoding_2d
+from flowlib.positional import positional_encoding_2d, shared_positional_encoding
 
 
 def _reference(channels: int, height: int, width: int) -> np.ndarray:
@@ -52,3 +52,16 @@ def test_dtype_and_device() -> None:
 def test_rejects_channels_not_multiple_of_four() -> None:
     with pytest.raises(ValueError, match="multiple of 4"):
         positional_encoding_2d(6, 3, 3)
+
+
+def test_shared_encoding_is_built_once_and_usable_for_training() -> None:
+    with torch.inference_mode():  # first asked for while evaluating ...
+        first = shared_positional_encoding(8, 3, 7)
+    assert not first.is_inference()  # ... it must still serve later training steps
+    assert shared_positional_encoding(8, 3, 7) is first
+    torch.testing.assert_close(first, positional_encoding_2d(8, 3, 7), rtol=0, atol=0)
+    half = shared_positional_encoding(8, 3, 7, dtype=torch.float64)
+    assert half.dtype == torch.float64 and half is not first
+    weight = torch.ones(8, 3, 7, requires_grad=True)
+    (weight * first).sum().backward()  # an autograd graph may keep the shared tensor
+    torch.testing.assert_close(weight.grad, first)

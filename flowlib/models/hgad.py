@@ -45,7 +45,7 @@ from flowlib.backbones import FeatureExtractor
 from flowlib.coupling import AllInOneCoupling, SequentialFlow
 from flowlib.mixture import LOG_NORMAL_CONST, HierarchicalGaussianMixture, total_loss
 from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
-from flowlib.positional import positional_encoding_2d
+from flowlib.positional import shared_positional_encoding
 from flowlib.subnets import mlp_subnet
 
 PRIORS = ("hierarchical", "gaussian")
@@ -171,7 +171,7 @@ class PositionFlow(nn.Module):
     def condition(self, height: int, width: int, device: torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> Tensor:
         """Positional encodings of an ``height × width`` grid as rows ``(height·width, P)`` (row-major)."""
-        pe = positional_encoding_2d(self.cond_channels, height, width, device=device, dtype=dtype)
+        pe = shared_positional_encoding(self.cond_channels, height, width, device=device, dtype=dtype)
         return pe.permute(1, 2, 0).reshape(height * width, self.cond_channels)
 
     def forward_map(self, feature: Tensor) -> tuple[Tensor, Tensor]:

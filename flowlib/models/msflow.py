@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from flowlib.aggregation import detection_map, localisation_map, log_likelihood_map, top_k_mean
+from flowlib.aggregation import msflow_scores
 from flowlib.backbones import FeatureExtractor
 from flowlib.coupling import AllInOneCoupling, SequentialFlow
 from flowlib.fusion import fusion_flow
 from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
-from flowlib.positional import positional_encoding_2d
+from flowlib.positional import shared_positional_encoding
 from flowlib.subnets import conv_ln_subnet
 
 
@@ -164,8 +164,8 @@ class MSFlow(AnomalyModel):
         if self.config.cond_channels == 0:
             return None
         h, w = feature.shape[-2:]
-        pe = positional_encoding_2d(self.config.cond_channels, h, w, device=feature.device,
-                                    dtype=feature.dtype)
+        pe = shared_positional_encoding(self.config.cond_channels, h, w, device=feature.device,
+                                        dtype=feature.dtype)
         return pe.unsqueeze(0)
 
     def forward(self, features: Features) -> tuple[list[Tensor], Tensor]:
@@ -186,10 +186,8 @@ class MSFlow(AnomalyModel):
     def score_maps(self, features: Features, image_size: tuple[int, int]) -> dict[str, Tensor]:
         """Both aggregations: ``{"localisation": (B,H,W), "detection": (B,H,W), "score": (B,)}``."""
         zs, _ = self(features)
-        logps = [log_likelihood_map(z) for z in zs]
-        det = detection_map(logps, image_size)
-        return {"localisation": localisation_map(logps, image_size), "detection": det,
-                "score": top_k_mean(det, self.config.top_k)}
+        loc, det, score = msflow_scores(zs, image_size, self.config.top_k)
+        return {"localisation": loc, "detection": det, "score": score}
 
     @torch.no_grad()
     def predict(self, features: Features, image_size: tuple[int, int],
