@@ -500,7 +500,7 @@ def _rates(r: dict[str, Any], key: str) -> dict[str, float]:
 
 def derive(r: dict[str, Any]) -> None:
     """Add per-image FLOPs and the achieved FLOP/s (per wall-clock and per CPU second) in place."""
-    if "error" in r or "flops" not in r or r.get("kind") in ("dump", "equivalence"):
+    if "error" in r or "flops" not in r or r.get("kind") in ("dump", "equivalence", "infer_compiled"):
         return
     r["gflops_per_image"] = {k: round(_gflops(v / r["batch"]), 4) for k, v in r["flops"].items()}
     r["achieved_gflop_per_s"] = _rates(r, "median_s")
@@ -615,9 +615,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| method | preset | backbone @ px | trainable params | GFLOPs bb / head (head %) | batch 1: ms/img "
         "(bb + head) | batch 1: CPU ms/img | batch 16: img/s | achieved GFLOP/s bb / head, batch 1: wall "
-        "(CPU time) "
+        "(CPU time) | achieved GFLOP/s bb / head, batch 16 "
         "| peak mem MB (b1) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     res = report["results"]
     keys = []
@@ -640,6 +640,7 @@ def markdown(report: dict[str, Any]) -> str:
         share = 100 * g["head"] / g["total"] if g["total"] else 0
         rate = b1.get("achieved_gflop_per_s", {})
         cpu_rate = b1.get("achieved_gflop_per_cpu_s", {})
+        rate16 = b16.get("achieved_gflop_per_s", {}) if b16 else {}
         lines.append(
             f"| {method} | {preset}{tag(b1, b16)} | {b1['backbone_name']} @ {b1['input_size']} | "
             f"{b1['trainable_parameters']:,} | "
@@ -650,6 +651,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_num(b16['images_per_s'] if b16 else None, '{:.1f}')} | "
             f"{_num(rate.get('backbone'), '{:.1f}')} / {_num(rate.get('head'), '{:.1f}')} "
             f"({_num(cpu_rate.get('backbone'), '{:.1f}')} / {_num(cpu_rate.get('head'), '{:.1f}')}) | "
+            f"{_num(rate16.get('backbone'), '{:.1f}')} / {_num(rate16.get('head'), '{:.1f}')} | "
             f"{b1['memory']['peak_mb']:.0f} |")
     lines += [
         "",

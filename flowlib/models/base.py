@@ -137,12 +137,12 @@ class AnomalyModel(nn.Module):
 
         Everything that calls them (:func:`flowlib.engine.evaluate`, :func:`flowlib.predict.predict_images`,
         the benchmarks) then runs the compiled versions. The first call for each new input shape
-        compiles (1-2.5 min for a quick preset on two CPU cores with an empty compiler cache; a smaller
-        last batch is a new shape), so it pays off when many images are scored, not for one quick-mode
-        test set. Measured with one CPU thread at batch 1 (``benchmarks/results/bench_cpu.md``): the
-        FastFlow, MSFlow and HGAD quick presets ran 1.6× faster, CS-Flow's 1.1×. Outputs agree with the
-        eager model up to float rounding (``tests/test_compile.py``). Training is not compiled. Call it
-        once per model: a second call would compile the compiled functions again.
+        compiles (about 1-2 min for a quick preset on two CPU cores with an empty compiler cache; a
+        smaller last batch is a new shape), so it pays off when many images are scored, not for one
+        quick-mode test set. Measured with one CPU thread at batch 1 (``benchmarks/results/bench_cpu.md``):
+        the quick presets ran 1.2-1.6× faster. Outputs agree with the eager model up to float rounding
+        (``tests/test_compile.py``). Training is not compiled. Call it once per model: a second call
+        would compile the compiled functions again.
 
         Args:
             **options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``dynamic=True``).
