@@ -159,7 +159,9 @@ class MSFlow(AnomalyModel):
     def condition(self, feature: Tensor) -> Tensor | None:
         """The positional encoding ``(1, cond_channels, H, W)`` for a feature map ``(B, C, H, W)``.
 
-        ``None`` when ``cond_channels == 0`` (an unconditional ablation).
+        ``None`` when ``cond_channels == 0`` (an unconditional ablation). The tensor is shared by every
+        call for the same grid (:func:`~flowlib.positional.shared_positional_encoding`): read it, do not
+        change it in place.
         """
         if self.config.cond_channels == 0:
             return None
