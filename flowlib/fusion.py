@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flowlib.coupling import ChannelPermutation, MultiScaleDoubleCoupling, SequentialFlow
-from flowlib.subnets import ChannelLayerNorm
+from flowlib.subnets import ChannelLayerNorm, channels_last_conv
 
 
 class FusionSubnet(nn.Module):
@@ -64,7 +64,7 @@ class FusionSubnet(nn.Module):
             nn.Conv2d(total, hidden, 3, padding=1),
             ChannelLayerNorm(hidden),
             nn.ReLU(),
-            nn.Conv2d(hidden, total, 3, padding=1),
+            channels_last_conv(nn.Conv2d(hidden, total, 3, padding=1)),
             nn.ReLU(),
         )
         self.conv_s = nn.ModuleList(nn.Conv2d(c, o // 2, 3, padding=1)

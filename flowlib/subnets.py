@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from flowlib.coupling import SubnetConstructor
@@ -38,7 +39,12 @@ def alternating_kernels(n_steps: int, kernels: Sequence[int] = (3, 1)) -> list[i
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` map (applied per position)."""
+    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` map (applied per position).
+
+    The output has channels-last strides (it is normalised as ``(B, H, W, C)`` and viewed back), so a
+    convolution that reads it runs in the channels-last layout; build that convolution with
+    :func:`channels_last_conv` so that its weight is not converted at every call.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -46,6 +52,17 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def channels_last_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` with its weight stored channels-last, for a convolution fed by :class:`ChannelLayerNorm`.
+
+    Given a channels-last input, PyTorch computes the convolution in that layout and converts a
+    channels-first weight on every call: 4 ms per call for MSFlow's 1024 × 576 × 3 × 3 weights at
+    batch 1 on a CPU, a tenth of the convolution. Stored channels-last, the weight is used as it is; the
+    outputs are the same values (``tests/test_msflow.py``).
+    """
+    return conv.to(memory_format=torch.channels_last)
 
 
 def conv_ln_subnet(kernel_size: int = 3) -> SubnetConstructor:
@@ -57,7 +74,7 @@ def conv_ln_subnet(kernel_size: int = 3) -> SubnetConstructor:
             nn.Conv2d(c_in, c_in, kernel_size, padding=pad),
             ChannelLayerNorm(c_in),
             nn.ReLU(),
-            nn.Conv2d(c_in, c_out, kernel_size, padding=pad),
+            channels_last_conv(nn.Conv2d(c_in, c_out, kernel_size, padding=pad)),
         )
 
     return make

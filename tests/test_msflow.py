@@ -3,6 +3,7 @@ maps, the learning-rate schedule, the paper preset's parameter count and a quick
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from flowlib.aggregation import (
 )
 from flowlib.fusion import FusionSubnet, fusion_flow
 from flowlib.models.msflow import MSFlow, MSFlowConfig, lr_factor, parallel_flow
+from flowlib.subnets import conv_ln_subnet
 
 # -- parallel flow -----------------------------------------------------------------------------------
 
@@ -79,6 +81,30 @@ def test_fusion_subnet_exchanges_information_across_scales() -> None:
     fine = [xs[0] + 1.0, xs[1], xs[2]]
     assert not torch.allclose(net(coarse)[0], out[0])
     assert not torch.allclose(net(fine)[2], out[2])
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "side", "batch"), [(28, 24, 32, 1), (72, 112, 8, 4), (6, 8, 5, 2)])
+def test_channels_last_weight_after_the_layer_norm_changes_no_value(c_in: int, c_out: int, side: int,
+                                                                    batch: int) -> None:
+    """The convolution after ChannelLayerNorm keeps its weight channels-last (no conversion per call);
+    outputs and every gradient equal those of the same subnet with a channels-first weight, bit for bit."""
+    torch.manual_seed(0)
+    net = conv_ln_subnet(3)(c_in, c_out)
+    assert net[3].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(net)
+    plain[3].weight.data = plain[3].weight.data.contiguous()
+    x = torch.randn(batch, c_in, side, side, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_(True)
+    y, y_plain = net(x), plain(x_plain)
+    assert torch.equal(y, y_plain)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_plain.backward(grad)
+    assert torch.equal(x.grad, x_plain.grad)
+    for (name, p), q in zip(net.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    fusion = FusionSubnet([4, 8], [8, 16])
+    assert fusion.mix[3].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fusion_subnet_parameter_count() -> None:
