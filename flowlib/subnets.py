@@ -60,7 +60,8 @@ def channels_last_conv(conv: nn.Conv2d) -> nn.Conv2d:
     Given a channels-last input, PyTorch computes the convolution in that layout and converts a
     channels-first weight on every call: 4 ms per call for MSFlow's 1024 × 576 × 3 × 3 weights at
     batch 1 on a CPU, a tenth of the convolution. Stored channels-last, the weight is used as it is; the
-    outputs are the same values (``tests/test_msflow.py``).
+    outputs and gradients are the same values (``tests/test_msflow.py``). A reduction over the
+    gradients, such as the norm of gradient clipping, may add them in another order (rounding only).
     """
     return conv.to(memory_format=torch.channels_last)
 
