@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 Features = list[Tensor]
 
-# device types whose fused Adam kernel PyTorch ships (torch >= 2.4)
-_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+# device types whose fused Adam kernel this torch ships: CUDA since torch 2.0, the CPU since torch 2.4
+# (the declared range starts at 2.1, where fused=True on CPU parameters raises)
+_FUSED_ADAM_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
 
 
 def adam(params: Any, **kwargs: Any) -> torch.optim.Adam:
