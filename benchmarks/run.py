@@ -372,8 +372,8 @@ class _FreiaBlockView:
 # Orchestrator
 # ----------------------------------------------------------------------------------------------------
 
-def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float,
-                log: list[str]) -> dict[str, Any]:
+def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float
+                ) -> dict[str, Any]:
     env = dict(os.environ)
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -388,9 +388,8 @@ def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads:
         return {"error": f"timed out after {timeout:.0f} s", "spec": spec}
     wall = time.perf_counter() - t0
     result = parse_result(proc.stdout)
-    if result is None:
+    if result is None:  # the report's notes list it (from the error row, so a later success can replace it)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        log.append(f"FAILED {_fmt_s(spec)}: " + " | ".join(tail))
         return {"error": " | ".join(tail), "spec": spec}
     result["worker_wall_s"] = round(wall, 1)
     return result
@@ -784,19 +783,32 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{eq['max_rel_diff_latents']:.2e} (relative), "
                 f"the log-determinants by {eq['max_abs_diff_log_det']:.2e} (of {eq['log_det_scale']:.3g}); "
                 f"loss {eq['loss_flowlib']:.6g} (flowlib) vs {eq['loss_anomalib']:.6g} (anomalib).")
-    if report["log"]:
-        lines += ["", "## Notes", ""] + [f"- {x}" for x in report["log"]]
+    notes = list(report["log"]) + [f"FAILED {_fmt_s(r['spec'])}: {r['error']}"
+                                   for r in report["results"] if "error" in r]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {x}" for x in notes]
     return "\n".join(lines) + "\n"
 
 
 def _result_key(r: dict[str, Any]) -> tuple:
-    if r.get("group"):
-        return (r["group"],)
-    return (r.get("side"), r.get("method"), r.get("preset"), r.get("kind"), r.get("batch"))
+    """What a result measured: the peer group (all its rounds), else side, method, preset, kind and batch.
+
+    A failed measurement (``{"error": ..., "spec": ...}``) has the key of its spec, so a later successful
+    run of the same measurement replaces it in a merged report.
+    """
+    src = r["spec"] if "error" in r and "spec" in r else r
+    if src.get("group"):
+        return (src["group"],)
+    return (src.get("side", "flowlib"), src.get("method"), src.get("preset"), src.get("kind"),
+            src.get("batch"))
 
 
 def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` plus the results of ``old`` for the models ``new`` did not measure (see ``--merge``)."""
+    """``new`` plus the results of ``old`` for the measurements ``new`` did not make (see ``--merge``).
+
+    An old result, failed or not, is dropped when ``new`` measured the same thing successfully. The notes
+    shown are the new run's; each earlier run's own notes stay in the JSON under ``previous_runs``.
+    """
     measured = {_result_key(r) for r in new["results"] if "error" not in r}
     kept = [r for r in old["results"] if _result_key(r) not in measured]
     merged = dict(new)
@@ -804,10 +816,11 @@ def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     methods = list(dict.fromkeys(old["settings"]["methods"] + new["settings"]["methods"]))
     merged["settings"] = {**new["settings"], "methods": methods}
     merged["previous_runs"] = old.get("previous_runs", []) + [
-        {k: old[k] for k in ("command", "started", "finished", "load_average_start", "load_average_end")}]
+        {k: old[k] for k in ("command", "started", "finished", "load_average_start", "load_average_end")}
+        | {"log": old.get("log", [])}]
     merged["equivalence"] = new.get("equivalence") or old.get("equivalence")
     merged["anomalib_version"] = new.get("anomalib_version") or old.get("anomalib_version")
-    merged["log"] = old.get("log", []) + new.get("log", [])
+    merged["log"] = list(new.get("log", []))
     merged["peers"] = compare_peers(merged["results"], argparse.Namespace(**merged["settings"]))
     return merged
 
@@ -815,6 +828,8 @@ def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def rerender(path: Path) -> int:
     """Recompute the derived numbers and the markdown of a JSON report (after a change to this script)."""
     report = json.loads(path.read_text(encoding="utf-8"))
+    # failures are listed from their error rows now; older reports also kept them as log lines
+    report["log"] = [x for x in report.get("log", []) if not x.startswith("FAILED ")]
     for r in report["results"]:
         derive(r)
     settings = argparse.Namespace(**report["settings"])
@@ -894,11 +909,11 @@ def main(argv: list[str] | None = None) -> int:
         python = args.anomalib_python if side == "anomalib" else sys.executable
         script = HERE / ("anomalib_peers.py" if side == "anomalib" else "run.py")
         print(f"[{i}/{len(plan)}] {_fmt_s(spec)} ...", end=" ", flush=True)
-        r = _run_worker(python, script, spec, args.threads, args.timeout, log)
+        r = _run_worker(python, script, spec, args.threads, args.timeout)
         if "group" in spec and "error" not in r:
             r["group"] = spec["group"]
         if "error" in r:
-            print("failed", flush=True)
+            print(f"failed: {r['error'][-400:]}", flush=True)
         elif spec["kind"] == "equivalence":
             equivalence = r
             print(f"max |map diff| {r['max_abs_diff_anomaly_map']:.2e}", flush=True)

@@ -1,0 +1,75 @@
+"""``benchmarks/run.py --merge``: a later successful measurement replaces an earlier failure or result.
+
+The timings themselves are not tested (they depend on the machine); what is tested is the bookkeeping
+that decides which rows and notes a merged report shows, since a stale failure or a stale number in a
+published table misleads its readers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("flowlib_bench_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(results, log, command, started):
+    return {
+        "command": command, "started": started, "finished": started,
+        "machine": {"cpu_model": "test CPU", "usable_cores": 2, "logical_cores": 2, "memory_gb": 1.0,
+                    "python": "3", "torch": "2", "device": "cpu"},
+        "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [1.0, 1.0, 1.0],
+        "settings": {"methods": ["fastflow"], "threads": 1, "reps": 5, "paper_reps": 2, "peer_train_batch": 8,
+                     "throughput_batch": 16},
+        "anomalib_version": "2.7.0", "results": results, "peers": [], "equivalence": None, "log": log,
+    }
+
+
+def _peer(side, seconds, kind="infer", batch=1):
+    return {"side": side, "method": "fastflow", "group": "peer:fastflow", "kind": kind, "batch": batch,
+            "total": {"median_s": seconds, "cpu_median_s": seconds}}
+
+
+def _failed(side, kind="infer", batch=1):
+    return {"error": "AttributeError: boom", "spec": {"side": side, "method": "fastflow",
+                                                      "group": "peer:fastflow", "kind": kind, "batch": batch}}
+
+
+def test_a_later_success_replaces_an_earlier_failure_and_its_note(bench):
+    other = {**_peer("anomalib", 1.0), "method": "csflow", "group": "peer:csflow"}
+    old = _report([other, _failed("anomalib"), _peer("flowlib", 0.2)],
+                  ["planned two rounds", "FAILED anomalib:fastflow/-/infer/b1: AttributeError: boom"],
+                  "run.py --methods fastflow", "2026-01-01")
+    new = _report([_peer("anomalib", 0.4), _peer("flowlib", 0.3)], ["planned one round"],
+                  "run.py --methods fastflow --merge", "2026-01-02")
+    merged = bench.merge_reports(old, new)
+
+    assert not any("error" in r for r in merged["results"]), "the superseded failure is still reported"
+    assert other in merged["results"], "a measurement the new run did not repeat was lost"
+    fastflow = [r for r in merged["results"] if r.get("group") == "peer:fastflow"]
+    assert [r["total"]["median_s"] for r in fastflow] == [0.4, 0.3]
+    assert merged["log"] == ["planned one round"]
+    assert merged["previous_runs"][-1]["log"] == old["log"]  # kept in the JSON, not shown
+    assert merged["peers"][0]["ratio"] == pytest.approx(0.3 / 0.4)
+    text = bench.markdown(merged)
+    assert "FAILED" not in text and "planned one round" in text
+
+
+def test_a_new_failure_keeps_the_last_good_result_and_is_listed(bench):
+    good = _peer("anomalib", 0.5, batch=16)
+    failed = {"error": "timed out after 900 s", "spec": {k: v for k, v in good.items() if k != "total"}}
+    merged = bench.merge_reports(_report([good], [], "a", "2026-01-01"),
+                                 _report([failed], [], "b", "2026-01-02"))
+    assert good in merged["results"] and failed in merged["results"]
+    assert bench._result_key(failed) == bench._result_key(good)  # a success later on replaces both
+    assert "- FAILED anomalib:fastflow/-/infer/b16: timed out after 900 s" in bench.markdown(merged)
