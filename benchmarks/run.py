@@ -372,12 +372,28 @@ class _FreiaBlockView:
 # Orchestrator
 # ----------------------------------------------------------------------------------------------------
 
-def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float
-                ) -> dict[str, Any]:
-    env = dict(os.environ)
+def worker_environment(threads: int, malloc: str) -> dict[str, str]:
+    """Environment of every worker, flowlib's and anomalib's alike.
+
+    ``malloc="tuned"`` gives both sides, from process start, the glibc thresholds that importing flowlib
+    sets (:mod:`flowlib.malloc`; anomalib's worker never imports flowlib); ``"default"`` keeps glibc's own.
+    """
+    from flowlib.malloc import GLIBC_ENVIRONMENT
+
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENVIRONMENT and k != "FLOWLIB_MALLOC"}
+    if malloc == "tuned":
+        env.update(GLIBC_ENVIRONMENT)
+    else:
+        env["FLOWLIB_MALLOC"] = "default"
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
+    return env
+
+
+def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float,
+                malloc: str = "tuned") -> dict[str, Any]:
+    env = worker_environment(threads, malloc)
     env.setdefault("TQDM_DISABLE", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
     cmd = [str(python), str(script), "--worker", json.dumps(spec)]
@@ -588,7 +604,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
         f"{m['memory_gb']} GiB; {m.get('gpu', 'no GPU')}; device `{m['device']}`; torch {m['torch']}, "
-        f"Python {m['python']}; torch threads per measurement: {s['threads'] or 'torch default'}.",
+        f"Python {m['python']}; torch threads per measurement: {s['threads'] or 'torch default'}; "
+        + ("glibc malloc tuned as importing flowlib does (`flowlib/malloc.py`: freed memory is reused), for "
+           "flowlib's and anomalib's workers alike."
+           if s.get("malloc") == "tuned" else "glibc malloc with its default settings (`--malloc default`)."),
         f"Load average (1/5/15 min) at start {report['load_average_start']}, at end "
         f"{report['load_average_end']}"
         + (" — the machine was busy with other work, so times are pessimistic and noisy."
@@ -850,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(HERE / "results"),
                         help="output folder (default: benchmarks/results)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc of every worker (both sides): 'tuned' = what importing flowlib "
+                             "sets (freed memory reused, flowlib/malloc.py), 'default' = glibc's own")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per measurement (0: torch's default, all cores)")
     parser.add_argument("--reps", type=int, default=5,
@@ -879,7 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        emit(measure(spec))
+        from flowlib import malloc
+
+        emit({**measure(spec), "malloc": malloc.STATUS})  # e.g. "set by the environment (...)"
         return 0
     if args.report:
         return rerender(Path(args.report))
@@ -909,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         python = args.anomalib_python if side == "anomalib" else sys.executable
         script = HERE / ("anomalib_peers.py" if side == "anomalib" else "run.py")
         print(f"[{i}/{len(plan)}] {_fmt_s(spec)} ...", end=" ", flush=True)
-        r = _run_worker(python, script, spec, args.threads, args.timeout)
+        r = _run_worker(python, script, spec, args.threads, args.timeout, args.malloc)
         if "group" in spec and "error" not in r:
             r["group"] = spec["group"]
         if "error" in r:
