@@ -41,10 +41,12 @@ GLIBC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
                      "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest dynamic threshold on 64-bit systems
 _CHOICES = ("tuned", "default")
 
-#: What :func:`tune_malloc` did last: ``"tuned"``, ``"default (FLOWLIB_MALLOC=default)"``,
-#: ``"set by the environment (...)"``, ``"not glibc (...)"`` or ``"not called"``.
+#: What :func:`tune_malloc` did last: ``"tuned"`` (or ``"tuned (...)"``),
+#: ``"default (FLOWLIB_MALLOC=default)"``, ``"set by the environment (...)"``, ``"not glibc (...)"``,
+#: ``"not tuned: ..."`` or ``"not called"``.
 STATUS = "not called"
 
 
@@ -83,6 +85,12 @@ def tune_malloc() -> str:
         STATUS = f"not tuned: glibc {version} has no usable mallopt ({err})"
         return STATUS
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    STATUS = "tuned" if ok else f"not tuned: glibc {version} refused the thresholds"
+    if mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        STATUS = f"not tuned: glibc {version} refused the trim threshold"
+    elif mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
+        STATUS = "tuned"
+    elif mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX) == 1:  # some versions cap mallopt's value
+        STATUS = "tuned (mmap threshold 32 MiB, the most this glibc accepts)"
+    else:  # pragma: no cover - no known glibc refuses both
+        STATUS = f"not tuned: glibc {version} refused the mmap threshold"
     return STATUS

@@ -49,7 +49,7 @@ def _probe(**env: str) -> tuple[str, float]:
 @glibc_only
 def test_importing_flowlib_stops_the_page_faults_of_repeated_forward_passes():
     status, faults = _probe()
-    assert status == "tuned"
+    assert status.startswith("tuned")
     assert faults < 100, f"{faults} page faults per forward pass with freed memory reused"
 
 
