@@ -7,7 +7,7 @@ the heap is handed back once more than the *trim threshold* (twice the mmap thre
 convolutional backbone allocates and frees megabytes of activations at every layer, so every call
 pays page faults and the kernel's zeroing of each new page, again and again. Measured on this
 project's 2-core CPU machine (one torch thread, EfficientNet-Lite0 at 256 px, FastFlow's quick
-backbone; ``benchmarks/README.md``): 33 → 21 ms per image at batch 1 and 798 → 314 ms per batch of 16
+backbone; ``benchmarks/README.md``): 34 → 22 ms per image at batch 1 and 880 → 348 ms per batch of 16
 once freed memory stayed in the process; the flow heads changed by a few per cent.
 
 :func:`tune_malloc` raises both thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`), so freed
