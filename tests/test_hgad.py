@@ -165,7 +165,7 @@ def test_loss_terms_equal_a_direct_computation():
         l_intra += -(log_p * d - d * LOG_NORMAL_CONST) / d
         l_z += math.log1p(math.exp(-log_p))  # −log σ(x) = log(1 + e^{−x})
     for name, ref in [("L_g", l_g), ("L_mi", l_mi), ("L_e", l_e), ("L_g_intra", l_intra), ("L_z", l_z)]:
-        assert math.isclose(float(terms[name]), ref / 6, rel_tol=1e-9, abs_tol=1e-10), name
+        assert math.isclose(float(terms[name].detach()), ref / 6, rel_tol=1e-9, abs_tol=1e-10), name
 
 
 def test_single_centre_with_uniform_logits_is_a_shifted_standard_normal():
@@ -179,7 +179,7 @@ def test_single_centre_with_uniform_logits_is_a_shifted_standard_normal():
     normal = torch.distributions.Normal(0.0, 1.0)
     nll = -normal.log_prob(z - prior.mu.detach()[y]).sum(1)  # standard-normal NLL of z − μ_y
     expected = ((nll - log_det) / 6 + LOG_NORMAL_CONST).mean()
-    assert math.isclose(float(terms["L_g_intra"]), float(expected), rel_tol=1e-12)
+    assert math.isclose(float(terms["L_g_intra"].detach()), float(expected), rel_tol=1e-12)
 
 
 def test_mutual_information_is_maximised():
@@ -190,13 +190,13 @@ def test_mutual_information_is_maximised():
     prior = HierarchicalGaussianMixture(3, 6, 2)
     z = torch.randn(30, 6, requires_grad=True)
     y = torch.arange(30) % 3
-    before = float(prior.losses(z, torch.zeros(30), y, intra=False)["L_mi"])
+    before = float(prior.losses(z, torch.zeros(30), y, intra=False)["L_mi"].detach())
     opt = torch.optim.SGD([z], lr=0.05)
     for _ in range(20):
         opt.zero_grad()
         total_loss(prior.losses(z, torch.zeros(30), y, intra=False), 0.0, 1.0, intra=False).backward()
         opt.step()
-    assert float(prior.losses(z, torch.zeros(30), y, intra=False)["L_mi"]) > before + 0.1
+    assert float(prior.losses(z, torch.zeros(30), y, intra=False)["L_mi"].detach()) > before + 0.1
 
 
 def test_gradients_reach_the_centres_and_stop_where_they_should():
