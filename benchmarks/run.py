@@ -392,7 +392,7 @@ def worker_environment(threads: int, malloc: str) -> dict[str, str]:
 
 
 def _run_worker(python: str | Path, script: Path, spec: dict[str, Any], threads: int, timeout: float,
-                malloc: str = "tuned") -> dict[str, Any]:
+                malloc: str) -> dict[str, Any]:
     env = worker_environment(threads, malloc)
     env.setdefault("TQDM_DISABLE", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")

@@ -41,7 +41,7 @@ GLIBC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
                      "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
-_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest dynamic threshold on 64-bit systems
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the upper limit mallopt(3) documents for 64-bit systems
 _CHOICES = ("tuned", "default")
 
 #: What :func:`tune_malloc` did last: ``"tuned"`` (or ``"tuned (...)"``),
@@ -89,8 +89,8 @@ def tune_malloc() -> str:
         STATUS = f"not tuned: glibc {version} refused the trim threshold"
     elif mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
         STATUS = "tuned"
-    elif mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX) == 1:  # some versions cap mallopt's value
-        STATUS = "tuned (mmap threshold 32 MiB, the most this glibc accepts)"
+    elif mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX) == 1:  # a glibc that enforces that limit
+        STATUS = "tuned (mmap threshold 32 MiB, the documented limit this glibc enforces)"
     else:  # pragma: no cover - no known glibc refuses both
         STATUS = f"not tuned: glibc {version} refused the mmap threshold"
     return STATUS

@@ -60,8 +60,8 @@ def test_shared_encoding_is_built_once_and_usable_for_training() -> None:
     assert not first.is_inference()  # ... it must still serve later training steps
     assert shared_positional_encoding(8, 3, 7) is first
     torch.testing.assert_close(first, positional_encoding_2d(8, 3, 7), rtol=0, atol=0)
-    half = shared_positional_encoding(8, 3, 7, dtype=torch.float64)
-    assert half.dtype == torch.float64 and half is not first
+    double = shared_positional_encoding(8, 3, 7, dtype=torch.float64)
+    assert double.dtype == torch.float64 and double is not first
     weight = torch.ones(8, 3, 7, requires_grad=True)
     (weight * first).sum().backward()  # an autograd graph may keep the shared tensor
     torch.testing.assert_close(weight.grad, first)

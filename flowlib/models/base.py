@@ -27,6 +27,7 @@ Features = list[Tensor]
 
 # device types whose fused Adam kernel this torch ships: CUDA since torch 2.0, the CPU since torch 2.4
 # (the declared range starts at 2.1, where fused=True on CPU parameters raises)
+# (torch.__version__ is a TorchVersion: ">=" compares versions, so 2.14 counts as newer than 2.4)
 _FUSED_ADAM_DEVICES = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
 
 
