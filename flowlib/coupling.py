@@ -74,7 +74,10 @@ class AllInOneCoupling(InvertibleBlock):
     Args:
         channels: ``C``.
         subnet_constructor: ``f(c_in, c_out) -> nn.Module`` with
-            ``c_in = C - C//2 + cond_channels`` and ``c_out = 2 · (C//2)``.
+            ``c_in = C - C//2 + cond_channels`` and ``c_out = 2 · (C//2)``. The module is called on
+            ``cat(x1, cond)`` (a batch-1 ``cond`` expanded to the batch), or, if it has a true attribute
+            ``takes_condition``, as ``subnet(x1, cond)`` with ``cond`` as given (batch 1 or ``B``), so that
+            it can use a condition shared by the batch (:class:`flowlib.subnets.ConvLayerNormSubnet`).
         cond_channels: channels of the condition concatenated to ``x1`` (0 = unconditional).
         clamp: ``α`` of the tanh soft clamp (FastFlow 2.0; MSFlow, HGAD 1.9).
         global_affine_init: initial global scale ``g``.
@@ -132,14 +135,17 @@ class AllInOneCoupling(InvertibleBlock):
             return F.linear(u, w.to(u.dtype))
         return torch.einsum("oc,bc...->bo...", w.to(u.dtype), u)
 
-    def _subnet_input(self, x1: Tensor, cond: Tensor | None) -> Tensor:
+    def _run_subnet(self, x1: Tensor, cond: Tensor | None) -> Tensor:
+        """The subnet on ``cat(x1, cond)``; a subnet with ``takes_condition`` gets them separately."""
         if self.cond_channels == 0:
-            return x1
+            return self.subnet(x1)
         if cond is None:
             raise ValueError(f"This block is conditional ({self.cond_channels} channels); pass cond=.")
+        if getattr(self.subnet, "takes_condition", False):
+            return self.subnet(x1, cond)
         if cond.shape[0] != x1.shape[0]:
             cond = cond.expand(x1.shape[0], *cond.shape[1:])
-        return torch.cat([x1, cond], dim=1)
+        return self.subnet(torch.cat([x1, cond], dim=1))
 
     def forward(self, x: Tensor, cond: Tensor | None = None, reverse: bool = False
                 ) -> tuple[Tensor, Tensor]:
@@ -153,7 +159,7 @@ class AllInOneCoupling(InvertibleBlock):
             x = (self._mix(x, inverse=True) - self._view(self.global_offset, x.ndim)) \
                 / self._view(scale, x.ndim)
         x1, x2 = torch.split(x, self.split, dim=1)
-        a = 0.1 * self.subnet(self._subnet_input(x1, cond))
+        a = 0.1 * self._run_subnet(x1, cond)
         s = tanh_clamp(a[:, : self.split[1]], self.clamp)
         t = a[:, self.split[1]:]
         if reverse:
@@ -181,13 +187,13 @@ class AllInOneCoupling(InvertibleBlock):
         offset1 = self._view(self.global_offset[:n1], x.ndim)
         offset2 = self._view(self.global_offset[n1:], x.ndim)
         if torch.is_grad_enabled():
-            a = 0.1 * self.subnet(self._subnet_input(x1, cond))
+            a = 0.1 * self._run_subnet(x1, cond)
             s = tanh_clamp(a[:, :n2], self.clamp)
             u1 = x1 * scale1 + offset1
             u2 = (x2 * torch.exp(s) + a[:, n2:]) * scale2 + offset2
             y = torch.cat([u1, u2], dim=1).index_select(1, self.perm)
             return y, _sum_except_batch(s) + global_log_det
-        a = 0.1 * self.subnet(self._subnet_input(x1, cond))  # not in place: a subnet may return a view
+        a = 0.1 * self._run_subnet(x1, cond)  # not in place: a subnet may return a view
         s = torch.tanh(a[:, :n2]).mul_(self.clamp)
         u2 = torch.exp(s).mul_(x2).add_(a[:, n2:]).mul_(scale2).add_(offset2)
         u1 = (x1 * scale1).add_(offset1)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from flowlib.coupling import SubnetConstructor
 
@@ -66,12 +67,50 @@ def channels_last_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return conv.to(memory_format=torch.channels_last)
 
 
+class ConvLayerNormSubnet(nn.Sequential):
+    """Conv(k, c_in→c_in) → :class:`ChannelLayerNorm` → ReLU → Conv(k, c_in→c_out): MSFlow's subnet.
+
+    ``c_in`` counts the coupling's passive half *and* its condition. The subnet takes the two separately
+    (``takes_condition = True``, see :class:`~flowlib.coupling.AllInOneCoupling`):
+    ``forward(x (B, c_x, H, W), cond (B or 1, c_in - c_x, H, W) or None) -> (B, c_out, H, W)``,
+    the same function as ``Sequential(cat(x, cond))``. Two things make it cheaper:
+
+    * a condition shared by the batch (MSFlow's positional encoding, batch 1) is not copied ``B`` times:
+      the first convolution is split by input channels, ``conv(x; W_x) + conv(cond; W_c)``, and the
+      condition's part is computed once and broadcast;
+    * it runs channels-last: the input is converted once, so the first convolution computes in that
+      layout, the LayerNorm reads its output without a copy, and the last convolution (weight stored
+      channels-last by :func:`channels_last_conv`) continues in it.
+
+    Both change the order of floating-point additions only (``tests/test_msflow.py`` compares with the
+    concatenated input). The layer names stay ``0``–``3``, so state dicts are those of the plain
+    ``nn.Sequential``.
+    """
+
+    takes_condition = True
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        first, rest = self[0], list(self)[1:]
+        if cond is not None and cond.shape[0] == 1 < x.shape[0]:
+            n = x.shape[1]
+            x = x.contiguous(memory_format=torch.channels_last)
+            h = (F.conv2d(x, first.weight[:, :n], first.bias, first.stride, first.padding)
+                 + F.conv2d(cond, first.weight[:, n:], None, first.stride, first.padding))
+        else:
+            if cond is not None:
+                x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)
+            h = first(x.contiguous(memory_format=torch.channels_last))
+        for layer in rest:
+            h = layer(h)
+        return h
+
+
 def conv_ln_subnet(kernel_size: int = 3) -> SubnetConstructor:
-    """Conv(k, c_in→c_in) → LayerNorm(channels) → ReLU → Conv(k, c_in→c_out): MSFlow's subnet."""
+    """Constructor of :class:`ConvLayerNormSubnet` (MSFlow's subnet) with ``k = kernel_size``."""
 
     def make(c_in: int, c_out: int) -> nn.Module:
         pad = kernel_size // 2
-        return nn.Sequential(
+        return ConvLayerNormSubnet(
             nn.Conv2d(c_in, c_in, kernel_size, padding=pad),
             ChannelLayerNorm(c_in),
             nn.ReLU(),

@@ -107,6 +107,50 @@ def test_channels_last_weight_after_the_layer_norm_changes_no_value(c_in: int, c
     assert fusion.mix[3].weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(("c_x", "c_cond", "cond_batch", "batch"),
+                         [(12, 16, 1, 4), (56, 16, 1, 3), (5, 3, 2, 2), (5, 3, 1, 1), (6, 0, 0, 3)])
+def test_conv_ln_subnet_equals_the_subnet_on_the_concatenated_input(c_x: int, c_cond: int, cond_batch: int,
+                                                                    batch: int) -> None:
+    """The subnet takes the passive half and the condition apart (a shared condition's part of the first
+    convolution computed once, channels-last inside); outputs and gradients equal those of the plain
+    layer stack on ``cat(x, cond)`` up to float rounding."""
+    torch.manual_seed(0)
+    net = randomize(conv_ln_subnet(3)(c_x + c_cond, 10), seed=5, add=True)
+    x = torch.randn(batch, c_x, 9, 7, requires_grad=True)
+    cond = torch.randn(cond_batch, c_cond, 9, 7) if c_cond else None
+    y = net(x, cond)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_net = copy.deepcopy(net)
+    inp = x_ref if cond is None else torch.cat([x_ref, cond.expand(batch, -1, -1, -1)], dim=1)
+    ref = nn.Sequential.forward(ref_net, inp)  # the four layers one after the other, no split
+    assert y.shape == ref.shape == (batch, 10, 9, 7)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert set(net.state_dict()) == {"0.weight", "0.bias", "1.norm.weight", "1.norm.bias", "3.weight", "3.bias"}
+
+
+def test_fusion_heads_are_one_convolution_with_the_same_values() -> None:
+    torch.manual_seed(0)
+    net = FusionSubnet([12, 20], [24, 40])
+    f = torch.randn(3, 12, 16, 16, requires_grad=True)
+    f_ref = f.detach().clone().requires_grad_(True)
+    out = net._heads(f, net.conv_s[0], net.conv_t[0])
+    ref = torch.cat([net.conv_s[0](f_ref), net.conv_t[0](f_ref)], dim=1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    out.backward(torch.ones_like(out))
+    grads = [p.grad.clone() for p in (*net.conv_s[0].parameters(), *net.conv_t[0].parameters())]
+    net.zero_grad()
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(f.grad, f_ref.grad, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, (*net.conv_s[0].parameters(), *net.conv_t[0].parameters())):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_fusion_subnet_parameter_count() -> None:
     # halves 128/256/512 of Wide-ResNet-50: mixing 896 → 224 → 896 (+ LayerNorm), heads s and t per scale
     net = FusionSubnet([128, 256, 512], [256, 512, 1024])
