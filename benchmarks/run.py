@@ -624,7 +624,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "Models are built without pretrained weights (speed does not depend on them). Medians of "
         f"{s['reps']} timed calls ({s['paper_reps']} for paper presets) after one warm-up. FLOPs count "
-        "convolutions and matrix products (2 per multiply-add), per image. *bb* = frozen backbone "
+        "convolutions and matrix products (2 per multiply-add), per image; the GFLOPs column is at batch "
+        "1, and each FLOP/s figure uses the count at its own batch (a head that computes a part once per "
+        "batch, as MSFlow's subnets do for the positional encoding, does fewer FLOPs per image at batch "
+        "16). *bb* = frozen backbone "
         "(`extract`), *head* = flow + scoring (`predict`) or flow + loss + backward + optimiser step. "
         "† = measured while the load average exceeded the number of cores (other work running): "
         "slower and noisier than the machine can do.",
