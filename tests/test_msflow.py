@@ -131,7 +131,8 @@ def test_conv_ln_subnet_equals_the_subnet_on_the_concatenated_input(c_x: int, c_
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
-    assert set(net.state_dict()) == {"0.weight", "0.bias", "1.norm.weight", "1.norm.bias", "3.weight", "3.bias"}
+    assert set(net.state_dict()) == {"0.weight", "0.bias", "1.norm.weight", "1.norm.bias",
+                                     "3.weight", "3.bias"}  # the names of the plain Sequential
 
 
 def test_fusion_heads_are_one_convolution_with_the_same_values() -> None:
