@@ -89,13 +89,21 @@ class ConvLayerNormSubnet(nn.Sequential):
 
     takes_condition = True
 
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        first = self[0] if len(self) else None
+        if not (isinstance(first, nn.Conv2d) and first.groups == 1 and first.padding_mode == "zeros"):
+            raise ValueError(f"ConvLayerNormSubnet splits its first layer by input channels, so that layer "
+                             f"must be an nn.Conv2d with groups=1 and zero padding; got {first!r}. Use a "
+                             "plain nn.Sequential (it gets cat(x, cond)) for other layers.")
+
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         first, rest = self[0], list(self)[1:]
         if cond is not None and cond.shape[0] == 1 < x.shape[0]:
             n = x.shape[1]
             x = x.contiguous(memory_format=torch.channels_last)
-            h = (F.conv2d(x, first.weight[:, :n], first.bias, first.stride, first.padding)
-                 + F.conv2d(cond, first.weight[:, n:], None, first.stride, first.padding))
+            h = (F.conv2d(x, first.weight[:, :n], first.bias, first.stride, first.padding, first.dilation)
+                 + F.conv2d(cond, first.weight[:, n:], None, first.stride, first.padding, first.dilation))
         else:
             if cond is not None:
                 x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)

@@ -135,6 +135,15 @@ def test_conv_ln_subnet_equals_the_subnet_on_the_concatenated_input(c_x: int, c_
                                      "3.weight", "3.bias"}  # the names of the plain Sequential
 
 
+def test_conv_ln_subnet_refuses_a_first_layer_it_cannot_split() -> None:
+    from flowlib.subnets import ChannelLayerNorm, ConvLayerNormSubnet
+
+    with pytest.raises(ValueError, match="groups=1 and zero padding"):
+        ConvLayerNormSubnet(nn.Conv2d(4, 4, 3, padding=1, groups=2), ChannelLayerNorm(4))
+    with pytest.raises(ValueError, match="nn.Conv2d"):
+        ConvLayerNormSubnet(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), ChannelLayerNorm(4))
+
+
 def test_fusion_heads_are_one_convolution_with_the_same_values() -> None:
     torch.manual_seed(0)
     net = FusionSubnet([12, 20], [24, 40])
