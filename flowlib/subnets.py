@@ -83,23 +83,16 @@ class ConvLayerNormSubnet(nn.Sequential):
       channels-last by :func:`channels_last_conv`) continues in it.
 
     Both change the order of floating-point additions only (``tests/test_msflow.py`` compares with the
-    concatenated input). The layer names stay ``0``–``3``, so state dicts are those of the plain
-    ``nn.Sequential``.
+    concatenated input). A first layer other than a zero-padded, ungrouped ``nn.Conv2d`` gets the
+    concatenation. The layer names stay ``0``–``3``, so state dicts are those of the plain ``nn.Sequential``.
     """
 
     takes_condition = True
 
-    def __init__(self, *layers: nn.Module) -> None:
-        super().__init__(*layers)
-        first = self[0] if len(self) else None
-        if not (isinstance(first, nn.Conv2d) and first.groups == 1 and first.padding_mode == "zeros"):
-            raise ValueError(f"ConvLayerNormSubnet splits its first layer by input channels, so that layer "
-                             f"must be an nn.Conv2d with groups=1 and zero padding; got {first!r}. Use a "
-                             "plain nn.Sequential (it gets cat(x, cond)) for other layers.")
-
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         first, rest = self[0], list(self)[1:]
-        if cond is not None and cond.shape[0] == 1 < x.shape[0]:
+        splittable = isinstance(first, nn.Conv2d) and first.groups == 1 and first.padding_mode == "zeros"
+        if splittable and cond is not None and cond.shape[0] == 1 < x.shape[0]:
             n = x.shape[1]
             x = x.contiguous(memory_format=torch.channels_last)
             h = (F.conv2d(x, first.weight[:, :n], first.bias, first.stride, first.padding, first.dilation)

@@ -135,13 +135,19 @@ def test_conv_ln_subnet_equals_the_subnet_on_the_concatenated_input(c_x: int, c_
                                      "3.weight", "3.bias"}  # the names of the plain Sequential
 
 
-def test_conv_ln_subnet_refuses_a_first_layer_it_cannot_split() -> None:
+def test_conv_ln_subnet_concatenates_when_its_first_layer_cannot_be_split() -> None:
+    """The split path convolves with zero padding and one group; for a grouped or reflect-padded first
+    convolution the subnet convolves the concatenation, so the function stays that of the layer stack."""
     from flowlib.subnets import ChannelLayerNorm, ConvLayerNormSubnet
 
-    with pytest.raises(ValueError, match="groups=1 and zero padding"):
-        ConvLayerNormSubnet(nn.Conv2d(4, 4, 3, padding=1, groups=2), ChannelLayerNorm(4))
-    with pytest.raises(ValueError, match="nn.Conv2d"):
-        ConvLayerNormSubnet(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), ChannelLayerNorm(4))
+    torch.manual_seed(0)
+    x, cond = torch.randn(3, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    for first in (grouped, nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")):
+        net = ConvLayerNormSubnet(first, ChannelLayerNorm(8), nn.ReLU(), nn.Conv2d(8, 6, 1))
+        ref = nn.Sequential.forward(net, torch.cat([x, cond.expand(3, -1, -1, -1)], dim=1))
+        torch.testing.assert_close(net(x, cond), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(net[1:], ConvLayerNormSubnet)  # slicing, as for any Sequential
 
 
 def test_fusion_heads_are_one_convolution_with_the_same_values() -> None:
