@@ -914,7 +914,12 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     args.compiled = [p.strip() for p in args.compiled.split(",") if p.strip()]
-    device = torch.device(args.device)
+    from flowlib.config import get_device
+
+    try:
+        device = get_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device {args.device}: {err}")
     common = {"device": args.device, "threads": args.threads, "seed": 0, "input_seed": 1234}
     log: list[str] = []
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -42,10 +42,24 @@ def seed_everything(seed: int) -> int:
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: the one asked for, else CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to run on: the one asked for, else CUDA when present, else the CPU.
+
+    Asking for a CUDA device that this machine does not have raises a ``ValueError`` that says so (rather
+    than a driver error from deep inside the first tensor that moves).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} asks for CUDA, but torch sees no CUDA device on this "
+                             f"machine (torch {torch.__version__}). Use 'cpu', or leave the device unset to "
+                             "take a GPU only where there is one.")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), "
+                             f"numbered 0 to {count - 1}.")
+    return dev
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

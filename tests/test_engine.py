@@ -193,3 +193,20 @@ def test_ensure_results_reuses_fresh_results_and_retrains_stale_ones(gaussian_ru
     assert again == (["trained"], True)
     # and a missing category is trained
     assert engine.ensure_results("gaussian", categories="coffee,brick", out=out, progress=False)[1]
+
+
+def test_asking_for_a_cuda_device_the_machine_lacks_says_so(monkeypatch):
+    from flowlib.config import get_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert get_device(None) == torch.device("cpu") and get_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'cuda' asks for CUDA, but torch sees no CUDA device.*Use 'cpu'"):
+        get_device("cuda")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        engine.run("gaussian", dataset="demo", categories="coffee", device="cuda", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert get_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="'cuda:2': this machine has 2 CUDA device"):
+        get_device("cuda:2")
