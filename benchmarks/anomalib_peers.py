@@ -26,15 +26,11 @@ from typing import Any
 
 import torch
 from timing import (
-    PeakMemory,
-    count_flops,
     emit,
-    inference_context,
+    measure_inference,
+    measure_training,
     set_threads,
-    split_laps,
-    summary,
     sync,
-    time_calls,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,17 +152,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return _dump(model, loss_fn, images, x, spec, result)
     if kind == "infer":
         model.eval()
-        with inference_context(spec), PeakMemory(device) as mem:
-            feats, bb_flops = count_flops(lambda: parts.backbone(x))
-            _, head_flops = count_flops(lambda: parts.head(feats))
-            laps = split_laps(lambda: parts.backbone(x), parts.head, reps, device)
-        t = summary(*laps["total"])
-        result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
-                      memory=mem.result,
-                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
-        result["grad_mode"] = spec.get("grad_mode", "inference")
-        result["ms_per_image"] = 1000 * t["median_s"] / batch
-        result["images_per_s"] = batch / t["median_s"]
+        result.update(measure_inference(lambda: parts.backbone(x), parts.head, spec, batch, reps, device))
         return result
     if kind in ("train_live", "train_cached"):
         live = kind == "train_live"
@@ -188,25 +174,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
 
-        with PeakMemory(device) as mem:
-            bb_flops = 0
-            if live:
-                feats, bb_flops = count_flops(lambda: parts.backbone(x))
-            else:
-                feats = cached
-            _, head_flops = count_flops(lambda: step(feats))
-            if live:
-                laps = split_laps(lambda: parts.backbone(x), step, reps, device)
-                total = laps["total"]
-                result.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
-            else:
-                total = time_calls(lambda: step(cached), reps, device)
-                result["head"] = summary(*total)
-        t = summary(*total)
-        result.update(total=t, memory=mem.result,
-                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
-        result["images_per_s"] = batch / t["median_s"]
-        result["s_per_step"] = t["median_s"]
+        result.update(measure_training(lambda: parts.backbone(x), step, cached, batch, reps, device))
         return result
     raise ValueError(f"Unknown measurement kind {kind!r} for the anomalib side.")
 

@@ -64,15 +64,15 @@ from timing import (  # noqa: E402
     PeakMemory,
     count_flops,
     emit,
-    inference_context,
     load_average,
     machine_info,
+    measure_inference,
+    measure_training,
     parse_result,
     set_threads,
     split_laps,
     stamp,
     summary,
-    time_calls,
 )
 
 DEFAULT_METHODS = ("fastflow", "csflow", "msflow", "hgad")
@@ -145,18 +145,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                               "kind": spec["kind"], "batch": batch, "device": str(device), **_describe(model)}
     if spec["kind"] == "infer":
         model.eval()
-        with inference_context(spec), PeakMemory(device) as mem:
-            feats, bb_flops = count_flops(lambda: model.extract(x))
-            _, head_flops = count_flops(lambda: model.predict(feats, (size, size), class_ids))
-            laps = split_laps(lambda: model.extract(x),
-                              lambda f: model.predict(f, (size, size), class_ids), reps, device)
-        t = summary(*laps["total"])
-        result.update(total=t, backbone=summary(*laps["backbone"]), head=summary(*laps["head"]),
-                      memory=mem.result,
-                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
-        result["grad_mode"] = spec.get("grad_mode", "inference")
-        result["ms_per_image"] = 1000 * t["median_s"] / batch
-        result["images_per_s"] = batch / t["median_s"]
+        result.update(measure_inference(lambda: model.extract(x),
+                                        lambda f: model.predict(f, (size, size), class_ids),
+                                        spec, batch, reps, device))
         return result
     if spec["kind"] in ("train_live", "train_cached"):
         live = spec["kind"] == "train_live"
@@ -177,25 +168,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 scheduler.step()
             return float(loss.detach())
 
-        with PeakMemory(device) as mem:
-            bb_flops = 0
-            if live:
-                feats, bb_flops = count_flops(lambda: model.extract(x))
-            else:
-                feats = cached
-            _, head_flops = count_flops(lambda: step(feats))
-            if live:
-                laps = split_laps(lambda: model.extract(x), step, reps, device)
-                total = laps["total"]
-                result.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
-            else:
-                total = time_calls(lambda: step(cached), reps, device)
-                result["head"] = summary(*total)
-        t = summary(*total)
-        result.update(total=t, memory=mem.result,
-                      flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops})
-        result["images_per_s"] = batch / t["median_s"]
-        result["s_per_step"] = t["median_s"]
+        result.update(measure_training(lambda: model.extract(x), step, cached, batch, reps, device))
         return result
     raise ValueError(f"Unknown measurement kind {spec['kind']!r}.")
 

@@ -185,6 +185,59 @@ def inference_context(spec: dict[str, Any]) -> Any:
     return torch.inference_mode() if mode == "inference" else torch.no_grad()
 
 
+def measure_inference(backbone: Callable[[], Any], head: Callable[[Any], Any], spec: dict[str, Any],
+                      batch: int, reps: int, device: torch.device) -> dict[str, Any]:
+    """Time ``head(backbone())`` under :func:`inference_context`, both parts apart, and count their FLOPs.
+
+    ``backbone()`` returns features for one batch of ``batch`` images; ``head(features)`` scores them.
+    Returns the fields of an ``infer`` row: ``total``/``backbone``/``head`` summaries, ``memory``,
+    ``flops`` (per batch), ``grad_mode``, ``ms_per_image`` and ``images_per_s``. Both sides of the
+    benchmark (flowlib's workers and anomalib's) measure with this one function.
+    """
+    with inference_context(spec), PeakMemory(device) as mem:
+        feats, bb_flops = count_flops(backbone)
+        _, head_flops = count_flops(lambda: head(feats))
+        laps = split_laps(backbone, head, reps, device)
+    t = summary(*laps["total"])
+    return {"total": t, "backbone": summary(*laps["backbone"]), "head": summary(*laps["head"]),
+            "memory": mem.result,
+            "flops": {"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops},
+            "grad_mode": spec.get("grad_mode", "inference"),
+            "ms_per_image": 1000 * t["median_s"] / batch, "images_per_s": batch / t["median_s"]}
+
+
+def measure_training(backbone: Callable[[], Any], step: Callable[[Any], Any], cached: Any, batch: int,
+                     reps: int, device: torch.device) -> dict[str, Any]:
+    """Time training steps: ``step(backbone())`` (live) or, with ``cached`` features, ``step(cached)``.
+
+    ``step(features)`` runs the loss, backward and optimiser step of one batch of ``batch`` images.
+    Returns the fields of a ``train_live``/``train_cached`` row: ``total`` (and ``backbone`` when live)
+    and ``head`` summaries, ``memory``, ``flops`` (per batch; the backbone's 0 on cached features),
+    ``images_per_s`` and ``s_per_step``. Shared by both sides of the benchmark.
+    """
+    out: dict[str, Any] = {}
+    live = cached is None
+    with PeakMemory(device) as mem:
+        bb_flops = 0
+        if live:
+            feats, bb_flops = count_flops(backbone)
+        else:
+            feats = cached
+        _, head_flops = count_flops(lambda: step(feats))
+        if live:
+            laps = split_laps(backbone, step, reps, device)
+            total = laps["total"]
+            out.update(backbone=summary(*laps["backbone"]), head=summary(*laps["head"]))
+        else:
+            total = time_calls(lambda: step(cached), reps, device)
+            out["head"] = summary(*total)
+    t = summary(*total)
+    out.update(total=t, memory=mem.result,
+               flops={"backbone": bb_flops, "head": head_flops, "total": bb_flops + head_flops},
+               images_per_s=batch / t["median_s"], s_per_step=t["median_s"])
+    return out
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
