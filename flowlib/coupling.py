@@ -41,6 +41,16 @@ def atan_clamp(a: Tensor, alpha: float) -> Tensor:
     return alpha * 0.636 * torch.atan(a / alpha)
 
 
+def concat_condition(x: Tensor, cond: Tensor) -> Tensor:
+    """``cat(x, cond)`` along channels; ``x`` ``(B, C, *S)``, ``cond`` ``(B or 1, C_c, *S)``.
+
+    A batch-1 condition is expanded to ``B`` (a view, no copy before the concatenation).
+    """
+    if cond.shape[0] != x.shape[0]:
+        cond = cond.expand(x.shape[0], *cond.shape[1:])
+    return torch.cat([x, cond], dim=1)
+
+
 def _sum_except_batch(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
@@ -143,9 +153,7 @@ class AllInOneCoupling(InvertibleBlock):
             raise ValueError(f"This block is conditional ({self.cond_channels} channels); pass cond=.")
         if getattr(self.subnet, "takes_condition", False):
             return self.subnet(x1, cond)
-        if cond.shape[0] != x1.shape[0]:
-            cond = cond.expand(x1.shape[0], *cond.shape[1:])
-        return self.subnet(torch.cat([x1, cond], dim=1))
+        return self.subnet(concat_condition(x1, cond))
 
     def forward(self, x: Tensor, cond: Tensor | None = None, reverse: bool = False
                 ) -> tuple[Tensor, Tensor]:

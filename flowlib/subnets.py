@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flowlib.coupling import SubnetConstructor
+from flowlib.coupling import SubnetConstructor, concat_condition
 
 
 def conv_subnet(kernel_size: int = 3, hidden_ratio: float = 1.0) -> SubnetConstructor:
@@ -99,7 +99,7 @@ class ConvLayerNormSubnet(nn.Sequential):
                  + F.conv2d(cond, first.weight[:, n:], None, first.stride, first.padding, first.dilation))
         else:
             if cond is not None:
-                x = torch.cat([x, cond.expand(x.shape[0], *cond.shape[1:])], dim=1)
+                x = concat_condition(x, cond)
             h = first(x.contiguous(memory_format=torch.channels_last))
         for layer in rest:
             h = layer(h)
