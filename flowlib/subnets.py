@@ -67,6 +67,65 @@ def channels_last_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return conv.to(memory_format=torch.channels_last)
 
 
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes a map of few output positions on a CPU as one matrix product.
+
+    For an output of ``L = H_out · W_out ≤ max_positions`` positions it unfolds the input into
+    ``(B·L, C_in·k·k)`` rows and multiplies them by the transposed weight matrix ``(C_in·k·k, C_out)``,
+    which is a convolution written out. PyTorch's own CPU path for such maps is slow with large
+    weights: at batch 1 it uses its im2col kernel, whose matrix product ``(C_out, C_in·k·k) @
+    (C_in·k·k, L)`` has only ``L`` columns, and at larger batches oneDNN's backward pass copes badly with
+    2 × 2 maps. Measured on one CPU thread for CS-Flow at 256 px (``1024 → 304`` channels, 3 × 3,
+    2 × 2 output): 3.9 → 1.2 ms at batch 1, and forward + backward 30.6 → 10.7 ms at batch 8
+    (``benchmarks/README.md``). With small weights the extra Python operations cost more than they
+    save, so the product is only used when all of these hold; otherwise this is ``nn.Conv2d``:
+
+    * the input is a 4-D CPU tensor and the output has at most ``max_positions`` (9) positions;
+    * the weight has at least ``min_weight_numel`` (2^20) entries and a kernel of at most 3 × 3;
+    * one group, no dilation, numeric zero padding.
+
+    The results equal ``nn.Conv2d``'s up to the order of floating-point additions
+    (``tests/test_subnets.py``); the parameters and state dict are those of ``nn.Conv2d``.
+    ``forward``: ``(B, C_in, H, W)`` → ``(B, C_out, H_out, W_out)``, contiguous.
+
+    Example:
+        >>> conv = SmallMapConv2d(1024, 1024, 3, padding=1)
+        >>> x = torch.randn(1, 1024, 2, 2)
+        >>> conv.uses_matmul(x), conv.uses_matmul(torch.randn(1, 1024, 4, 4))
+        (True, False)
+        >>> bool(torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5))
+        True
+    """
+
+    max_positions = 9
+    min_weight_numel = 1 << 20
+
+    def _output_size(self, x: Tensor) -> tuple[int, int]:
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        return (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
+
+    def uses_matmul(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` takes the matrix-product path (see the class docstring)."""
+        if not (x.device.type == "cpu" and x.ndim == 4 and self.groups == 1 and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple) and self.dilation == (1, 1)
+                and max(self.kernel_size) <= 3 and self.weight.numel() >= self.min_weight_numel):
+            return False
+        h_out, w_out = self._output_size(x)
+        return h_out * w_out <= self.max_positions
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.uses_matmul(x):
+            return super().forward(x)
+        batch = x.shape[0]
+        h_out, w_out = self._output_size(x)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C_in·k·k, L)
+        rows = cols.transpose(1, 2).reshape(batch * h_out * w_out, -1)
+        weight = self.weight.reshape(self.out_channels, -1).t()
+        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)  # (B·L, C_out)
+        out = out.view(batch, h_out * w_out, -1).transpose(1, 2)
+        return out.reshape(batch, -1, h_out, w_out).contiguous()
+
+
 class ConvLayerNormSubnet(nn.Sequential):
     """Conv(k, c_in→c_in) → :class:`ChannelLayerNorm` → ReLU → Conv(k, c_in→c_out): MSFlow's subnet.
 
