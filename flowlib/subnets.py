@@ -75,10 +75,11 @@ class SmallMapConv2d(nn.Conv2d):
     which is a convolution written out. PyTorch's own CPU path for such maps is slow with large
     weights: at batch 1 it uses its im2col kernel, whose matrix product ``(C_out, C_in·k·k) @
     (C_in·k·k, L)`` has only ``L`` columns, and at larger batches oneDNN's backward pass copes badly with
-    2 × 2 maps. Measured on one CPU thread for CS-Flow at 256 px (``1024 → 304`` channels, 3 × 3,
-    2 × 2 output): 3.9 → 1.2 ms at batch 1, and forward + backward 30.6 → 10.7 ms at batch 8
-    (``benchmarks/README.md``). With small weights the extra Python operations cost more than they
-    save, so the product is only used when all of these hold; otherwise this is ``nn.Conv2d``:
+    2 × 2 maps. Measured on one CPU thread for a layer of CS-Flow at 256 px (``1024 → 304`` channels,
+    3 × 3, 2 × 2 output): 4.0 → 1.25 ms at batch 1, and forward + backward 25 → 13.5 ms at batch 8
+    (``benchmarks/README.md`` has the whole model). With small weights the extra Python operations
+    cost more than they save, so the product is only used when all of these hold; otherwise this is
+    ``nn.Conv2d``:
 
     * the input is a 4-D CPU tensor and the output has at most ``max_positions`` (9) positions;
     * the weight has at least ``min_weight_numel`` (2^20) entries and a kernel of at most 3 × 3;
