@@ -236,6 +236,25 @@ def test_channel_permutation_single_and_list() -> None:
     assert all(torch.equal(a, b) for a, b in zip(multi(ys, reverse=True)[0], xs))
 
 
+def test_permutations_move_channels_like_indexing_with_the_same_gradients() -> None:
+    """The permutations gather with index_select; values and gradients equal x[:, perm] bit for bit."""
+    torch.manual_seed(1)
+    multi = ChannelPermutation([5, 3])
+    block = AllInOneCoupling(6, conv_subnet(3))
+    cases = [(lambda x: multi([x[:, :5], x[:, 5:]])[0], lambda x: [x[:, :5][:, multi.perm0],
+                                                                  x[:, 5:][:, multi.perm1]]),
+             (lambda x: [block._mix(x[:, :6], inverse=False)], lambda x: [x[:, :6][:, block.perm]]),
+             (lambda x: [block._mix(x[:, :6], inverse=True)], lambda x: [x[:, :6][:, block.inv_perm]])]
+    for permuted, indexed in cases:
+        x = torch.randn(2, 8, 3, 3, requires_grad=True)
+        got, want = permuted(x), indexed(x)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        weights = [torch.randn_like(w) for w in want]
+        grad_got = torch.autograd.grad(sum((g * r).sum() for g, r in zip(got, weights)), x)[0]
+        grad_want = torch.autograd.grad(sum((w * r).sum() for w, r in zip(want, weights)), x)[0]
+        assert torch.equal(grad_got, grad_want)
+
+
 # --------------------------------------------------------------------------------------------------
 # MultiScaleDoubleCoupling
 # --------------------------------------------------------------------------------------------------
