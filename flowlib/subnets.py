@@ -90,9 +90,9 @@ class SmallMapConv2d(nn.Conv2d):
     ``forward``: ``(B, C_in, H, W)`` → ``(B, C_out, H_out, W_out)``, contiguous.
 
     Example:
-        >>> conv = SmallMapConv2d(1024, 1024, 3, padding=1)
-        >>> x = torch.randn(1, 1024, 2, 2)
-        >>> conv.uses_matmul(x), conv.uses_matmul(torch.randn(1, 1024, 4, 4))
+        >>> conv = SmallMapConv2d(256, 512, 3, padding=1)  # 1.18 M weights
+        >>> x = torch.randn(1, 256, 2, 2)
+        >>> conv.uses_matmul(x), conv.uses_matmul(torch.randn(1, 256, 4, 4))
         (True, False)
         >>> bool(torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5))
         True
@@ -112,7 +112,7 @@ class SmallMapConv2d(nn.Conv2d):
                 and max(self.kernel_size) <= 3 and self.weight.numel() >= self.min_weight_numel):
             return False
         h_out, w_out = self._output_size(x)
-        return h_out * w_out <= self.max_positions
+        return h_out > 0 and w_out > 0 and h_out * w_out <= self.max_positions  # else nn.Conv2d's error
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.uses_matmul(x):

@@ -63,6 +63,17 @@ def test_other_cases_are_plain_conv2d(case, kwargs, side):
     assert torch.equal(new(x), ref(x)), case
 
 
+def test_input_smaller_than_the_kernel_gets_conv2d_error():
+    new, ref = _pair(6, 4, 3, padding=0)
+    x = torch.randn(1, 6, 2, 2)
+    assert not new.uses_matmul(x)
+    with pytest.raises(RuntimeError) as expected:
+        ref(x)
+    with pytest.raises(RuntimeError) as got:
+        new(x)
+    assert str(got.value) == str(expected.value)
+
+
 def test_default_threshold_is_for_wide_layers_only():
     small = SmallMapConv2d(32, 192, 3, padding=1)  # CS-Flow quick preset: stays a convolution
     wide = SmallMapConv2d(1024, 304, 3, padding=1)  # CS-Flow at 256 px: 2 × 2 maps as a matrix product
