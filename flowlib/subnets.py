@@ -101,24 +101,28 @@ class SmallMapConv2d(nn.Conv2d):
     max_positions = 9
     min_weight_numel = 1 << 20
 
-    def _output_size(self, x: Tensor) -> tuple[int, int]:
-        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
-        return (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
-
-    def uses_matmul(self, x: Tensor) -> bool:
-        """Whether ``forward(x)`` takes the matrix-product path (see the class docstring)."""
+    def _matmul_output_size(self, x: Tensor) -> tuple[int, int] | None:
+        """``(H_out, W_out)`` if ``forward(x)`` takes the matrix-product path, else ``None``."""
         if not (x.device.type == "cpu" and x.ndim == 4 and self.groups == 1 and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple) and self.dilation == (1, 1)
                 and max(self.kernel_size) <= 3 and self.weight.numel() >= self.min_weight_numel):
-            return False
-        h_out, w_out = self._output_size(x)
-        return h_out > 0 and w_out > 0 and h_out * w_out <= self.max_positions  # else nn.Conv2d's error
+            return None
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        h_out = (x.shape[-2] + 2 * ph - kh) // sh + 1
+        w_out = (x.shape[-1] + 2 * pw - kw) // sw + 1
+        if h_out > 0 and w_out > 0 and h_out * w_out <= self.max_positions:  # else nn.Conv2d (and its errors)
+            return h_out, w_out
+        return None
+
+    def uses_matmul(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` takes the matrix-product path (see the class docstring)."""
+        return self._matmul_output_size(x) is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.uses_matmul(x):
+        size = self._matmul_output_size(x)
+        if size is None:
             return super().forward(x)
-        batch = x.shape[0]
-        h_out, w_out = self._output_size(x)
+        batch, (h_out, w_out) = x.shape[0], size
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C_in·k·k, L)
         rows = cols.transpose(1, 2).reshape(batch * h_out * w_out, -1)
         weight = self.weight.reshape(self.out_channels, -1).t()
