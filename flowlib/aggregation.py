@@ -15,8 +15,9 @@ combinations of the scales:
   normalised by the image's maximum at that scale; ``A_add = max(P_add) - P_add``. A sum is smoother than
   a product: one over-confident scale cannot wipe out the others, which gives better pixel rankings.
 
-``up`` is bilinear upsampling with ``align_corners=True``; every maximum is taken per image, so each
-map is relative to the most normal position of the same image.
+``up`` is bilinear upsampling with ``align_corners=True``; each sum over scales is one call of
+:func:`flowlib.resize.resize_sum`, which upsamples and adds in one matrix product. Every maximum is
+taken per image, so each map is relative to the most normal position of the same image.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
+
+from flowlib.resize import resize_sum
 
 
 def log_likelihood_map(z: Tensor) -> Tensor:
@@ -33,22 +35,8 @@ def log_likelihood_map(z: Tensor) -> Tensor:
     return -0.5 * z.pow(2).mean(dim=1)
 
 
-def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
-
-
 def _image_max(maps: Tensor) -> Tensor:
     return maps.flatten(1).amax(dim=1).view(-1, 1, 1)
-
-
-def _total(maps: Sequence[Tensor]) -> Tensor:
-    """Sum of equally shaped maps, starting from the first (no ``0 + map`` copy)."""
-    if not maps:
-        raise ValueError("MSFlow's aggregation needs at least one per-scale map.")
-    total = maps[0]
-    for m in maps[1:]:
-        total = total + m
-    return total
 
 
 #: Exponents below this give ``1 − exp(·) == 1`` exactly in float32 and float64 alike
@@ -68,7 +56,7 @@ def detection_map(logps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         tensor([[[0.6321, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    total = _total([_upsample(lp, size) for lp in logps])
+    total = resize_sum(logps, size, align_corners=True)
     prob = torch.exp((total - _image_max(total)).clamp_min_(_EXP_FLOOR))
     return _image_max(prob) - prob
 
@@ -83,7 +71,7 @@ def localisation_map(logps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         tensor([[[0.6321, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    total = _total([_upsample(torch.exp(lp - _image_max(lp)), size) for lp in logps])
+    total = resize_sum([torch.exp(lp - _image_max(lp)) for lp in logps], size, align_corners=True)
     return _image_max(total) - total
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from flowcheck import jacobian_log_det, randomize
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from flowlib.aggregation import (
     detection_map,
@@ -21,6 +20,7 @@ from flowlib.aggregation import (
 )
 from flowlib.fusion import FusionSubnet, fusion_flow
 from flowlib.models.msflow import MSFlow, MSFlowConfig, lr_factor, parallel_flow
+from flowlib.resize import resize_sum
 from flowlib.subnets import conv_ln_subnet
 
 # -- parallel flow -----------------------------------------------------------------------------------
@@ -235,9 +235,7 @@ def test_detection_map_unchanged_by_its_exponent_floor(dtype: torch.dtype) -> No
     logps = [-torch.rand(2, 8, 8, generator=gen, dtype=dtype) * 400.0,
              -torch.rand(2, 4, 4, generator=gen, dtype=dtype) * 400.0]
     logps[0][0, 3, 3] = 5.0  # one position far more likely than the rest
-    up = [F.interpolate(lp[:, None], size=(32, 32), mode="bilinear", align_corners=True)[:, 0]
-          for lp in logps]
-    total = up[0] + up[1]
+    total = resize_sum(logps, (32, 32), align_corners=True)  # the upsampled sum (tests/test_resize.py)
     shifted = total - total.flatten(1).amax(1).view(-1, 1, 1)
     assert (shifted < -100).float().mean() > 0.5  # the floor binds for most positions
     prob = torch.exp(shifted)  # the definition, no floor

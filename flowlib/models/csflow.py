@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from flowlib.backbones import FeatureExtractor
 from flowlib.cross_scale import check_pyramid_size, cross_scale_flow, pyramid_features
 from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
+from flowlib.resize import resize_sum
 
 ANOMALY_MAPS = ("product", "largest")
 
@@ -138,8 +138,7 @@ class CSFlow(AnomalyModel):
     @staticmethod
     def scale_maps(zs: list[Tensor], image_size: tuple[int, int]) -> list[Tensor]:
         """Per-scale anomaly maps ``mean_c z²``, bilinearly upsampled: a list of ``(B, H, W)``."""
-        return [F.interpolate(z.pow(2).mean(1, keepdim=True), size=tuple(image_size), mode="bilinear",
-                              align_corners=False)[:, 0] for z in zs]
+        return [resize_sum([z.pow(2).mean(1)], image_size, align_corners=False) for z in zs]
 
     def combine_maps(self, maps: list[Tensor]) -> Tensor:
         """The anomaly map chosen by ``config.anomaly_map`` from the per-scale maps: ``(B, H, W)``."""

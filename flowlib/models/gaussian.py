@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from flowlib.backbones import FeatureExtractor
 from flowlib.models.base import AnomalyModel, Features, MethodConfig, register_method
+from flowlib.resize import resize_sum
 
 
 @dataclass
@@ -67,7 +67,5 @@ class PositionGaussian(AnomalyModel):
     def predict(self, features: Features, image_size: tuple[int, int],
                 class_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         zs, _ = self(features)
-        maps = [F.interpolate(0.5 * z.pow(2).mean(1, keepdim=True), size=image_size, mode="bilinear",
-                              align_corners=False) for z in zs]
-        amap = torch.stack(maps).mean(0)[:, 0]
+        amap = resize_sum([0.5 * z.pow(2).mean(1) for z in zs], image_size, align_corners=False) / len(zs)
         return amap, amap.flatten(1).amax(1)

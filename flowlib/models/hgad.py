@@ -46,6 +46,7 @@ from flowlib.coupling import AllInOneCoupling, SequentialFlow
 from flowlib.mixture import LOG_NORMAL_CONST, HierarchicalGaussianMixture, total_loss
 from flowlib.models.base import AnomalyModel, Features, MethodConfig, adam, register_method
 from flowlib.positional import shared_positional_encoding
+from flowlib.resize import resize_sum
 from flowlib.subnets import mlp_subnet
 
 PRIORS = ("hierarchical", "gaussian")
@@ -415,7 +416,7 @@ class HGAD(AnomalyModel):
         image_scores = out.flatten(1).amax(1)
         target = self._image_size or (size, size)
         if tuple(target) != (size, size):
-            out = F.interpolate(out[:, None], size=target, mode="bilinear", align_corners=False)[:, 0]
+            out = resize_sum([out], target, align_corners=False)
         return out, image_scores
 
     @torch.no_grad()
@@ -501,13 +502,12 @@ def _set_normalised_map(stat: Tensor, shapes: list[tuple[int, int]], size: int, 
     Per level: ``exp(stat − max over the set)``, bilinear upsampling to ``S``; then sum over levels,
     ``A = max − sum`` over the set, Gaussian blur σ per image (scipy, reflect border, as the official code).
     """
-    total = stat.new_zeros(stat.shape[0], size, size)
-    start = 0
+    probs, start = [], 0
     for h, w in shapes:
-        level = stat[:, start:start + h * w].reshape(-1, 1, h, w)
+        level = stat[:, start:start + h * w].reshape(-1, h, w)
         start += h * w
-        prob = torch.exp(level - level.max())
-        total += F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        probs.append(torch.exp(level - level.max()))
+    total = resize_sum(probs, (size, size), align_corners=True)
     amap = (total.max() - total).numpy()
     if sigma > 0:
         amap = np.stack([gaussian_filter(m, sigma=sigma) for m in amap])
