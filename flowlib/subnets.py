@@ -144,7 +144,10 @@ class ConvLayerNormSubnet(nn.Sequential):
       condition's part is computed once and broadcast;
     * it runs channels-last: the input is converted once, so the first convolution computes in that
       layout, the LayerNorm reads its output without a copy, and the last convolution (weight stored
-      channels-last by :func:`channels_last_conv`) continues in it.
+      channels-last by :func:`channels_last_conv`) continues in it. The output is handed back in the
+      standard contiguous layout, like the coupling's other tensors: on a CPU an elementwise step
+      between a channels-last and an NCHW tensor runs 5-15x slower than between two of one layout
+      (MSFlow's quick head at batch 16: 64.4 → 60.6 ms per batch with this one copy).
 
     Both change the order of floating-point additions only (``tests/test_msflow.py`` compares with the
     concatenated input). A first layer other than a zero-padded, ungrouped ``nn.Conv2d`` gets the
@@ -169,7 +172,7 @@ class ConvLayerNormSubnet(nn.Sequential):
             h = first(x.contiguous(memory_format=torch.channels_last))
         for layer in rest:
             h = layer(h)
-        return h
+        return h.contiguous()
 
 
 def conv_ln_subnet(kernel_size: int = 3) -> SubnetConstructor:

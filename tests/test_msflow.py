@@ -124,6 +124,7 @@ def test_conv_ln_subnet_equals_the_subnet_on_the_concatenated_input(c_x: int, c_
     inp = x_ref if cond is None else torch.cat([x_ref, cond.expand(batch, -1, -1, -1)], dim=1)
     ref = nn.Sequential.forward(ref_net, inp)  # the four layers one after the other, no split
     assert y.shape == ref.shape == (batch, 10, 9, 7)
+    assert y.is_contiguous()  # handed back in the coupling's layout (mixed layouts are slow elementwise)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
     y.backward(grad)
