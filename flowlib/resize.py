@@ -1,9 +1,9 @@
 """Bilinear resizing of score maps as matrix products, and the sum of several resized maps as one product.
 
 Every method ends by turning per-scale score maps ``(B, h_l, w_l)`` into image-sized maps ``(B, H, W)``
-with bilinear interpolation. PyTorch's CPU kernel for it (``F.interpolate(mode="bilinear")``) computes each
-output value in a scalar loop, about 2 ns per value on the benchmark machine: 1.9 ms for 16 maps of
-256 × 256, more than some heads spend on a convolution.
+with bilinear interpolation. PyTorch's CPU kernel for it (``F.interpolate(mode="bilinear")``) spends about
+2 ns per output value on the benchmark machine, whatever the input size: 1.9 ms for 16 maps of 256 × 256,
+more than some heads spend on a convolution.
 
 Bilinear resizing is linear and acts on rows and columns separately, so for one map ``X`` of ``h × w``
 
@@ -15,10 +15,11 @@ MSFlow's and HGAD's aggregations need, becomes a single product with the matrice
 
     Σ_l A_l X_l B_lᵀ = [A_1 X_1 | A_2 X_2 | …] · [B_1 | B_2 | …]ᵀ.
 
-Most entries of the matrices are zeros, but the product kernel does so many more operations per second than
-the scalar loop that MSFlow's three maps at batch 16 are resized and summed in 1.6 instead of 6.2 ms
-(0.14 instead of 0.44 ms at batch 1). Results equal ``F.interpolate``'s up to float rounding: the same
-weights, added in another order (``tests/test_resize.py``).
+Most entries of the matrices are zeros, but a matrix-product kernel does so many more operations per
+second that MSFlow's three maps at batch 16 are resized and summed in 1.6 instead of 6.2 ms (0.14 instead
+of 0.44 ms at batch 1). Results equal ``F.interpolate``'s up to float rounding: the same weights (PyTorch
+computes the source coordinates in float32, these matrices are built in float64), added in another
+order (``tests/test_resize.py``).
 
 FLOP counts: the products run inside :class:`BilinearResize`, so ``FlopCounterMode.get_flop_counts()``
 files them under ``"BilinearResize"``. The benchmarks leave them out of a head's FLOPs, as they leave out
