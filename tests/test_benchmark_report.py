@@ -1,8 +1,8 @@
-"""``benchmarks/run.py --merge``: a later successful measurement replaces an earlier failure or result.
+"""``benchmarks/run.py``: what a merged report shows, and what the FLOP count includes.
 
 The timings themselves are not tested (they depend on the machine); what is tested is the bookkeeping
 that decides which rows and notes a merged report shows, since a stale failure or a stale number in a
-published table misleads its readers.
+published table misleads its readers, and which products count as a model's FLOPs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
@@ -73,3 +74,26 @@ def test_a_new_failure_keeps_the_last_good_result_and_is_listed(bench):
     assert good in merged["results"] and failed in merged["results"]
     assert bench._result_key(failed) == bench._result_key(good)  # a success later on replaces both
     assert "- FAILED anomalib:fastflow/-/infer/b16: timed out after 900 s" in bench.markdown(merged)
+
+
+def test_the_benchmark_counts_no_flops_for_the_resize_products(bench) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flowlib.models import build_model
+    from flowlib.resize import BilinearResize, resize_sum
+
+    maps = [torch.ones(2, 32, 32), torch.ones(2, 8, 8)]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        resize_sum(maps, (64, 64), align_corners=True)
+    assert counter.get_total_flops() > 0  # the products are real and FlopCounterMode sees them...
+    assert set(counter.get_flop_counts()) == {"Global", BilinearResize.__name__}
+    assert bench.count_flops(lambda: resize_sum(maps, (64, 64), True))[1] == 0  # ...under their own name
+
+    # MSFlow's scoring has no product of its own: its head counts exactly the flow's FLOPs
+    model = build_model("msflow", "quick", pretrained=False, input_size=64).eval()
+    feats = model.extract(torch.rand(2, 3, 64, 64))
+    with torch.inference_mode():
+        _, flow_flops = bench.count_flops(lambda: model(feats))
+        _, head_flops = bench.count_flops(lambda: model.predict(feats, (64, 64)))
+    assert head_flops == flow_flops > 0

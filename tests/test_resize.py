@@ -1,21 +1,16 @@
-"""``flowlib.resize``: bilinear resizing as matrix products against ``F.interpolate``, its errors, and how
-the benchmark's FLOP count treats it."""
+"""``flowlib.resize``: bilinear resizing as matrix products against ``F.interpolate``, and its errors.
+How the benchmark's FLOP count treats the products: ``tests/test_benchmark_report.py``."""
 
 from __future__ import annotations
 
 import doctest
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from flowlib import resize as resize_module
-from flowlib.models import build_model
-from flowlib.resize import BilinearResize, interpolation_matrix, resize_sum
-
-TIMING_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "timing.py"
+from flowlib.resize import interpolation_matrix, resize_sum
 
 # (h, w) → (H, W): upsampling by integer and odd factors, equal sizes, downsampling, single rows/columns
 SIZES = [((4, 4), (16, 16)), ((3, 5), (7, 11)), ((5, 5), (5, 5)), ((9, 7), (4, 3)), ((1, 1), (5, 7)),
@@ -97,31 +92,3 @@ def test_bad_input_gets_a_clear_error() -> None:
         resize_sum([torch.ones(2, 4, 4), torch.ones(2, 2, 2, dtype=torch.float64)], (8, 8), True)
     with pytest.raises(ValueError, match="at least 1"):
         interpolation_matrix(0, 4, align_corners=False)
-
-
-@pytest.fixture(scope="module")
-def timing():
-    spec = importlib.util.spec_from_file_location("flowlib_bench_timing", TIMING_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_benchmark_counts_no_flops_for_the_resize_products(timing) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    maps = [torch.ones(2, 32, 32), torch.ones(2, 8, 8)]
-    counter = FlopCounterMode(display=False)
-    with counter:
-        resize_sum(maps, (64, 64), align_corners=True)
-    assert counter.get_total_flops() > 0  # the products are real and FlopCounterMode sees them...
-    assert set(counter.get_flop_counts()) == {"Global", type(BilinearResize(True)).__name__}
-    assert timing.count_flops(lambda: resize_sum(maps, (64, 64), True))[1] == 0  # ...under their own name
-
-    # MSFlow's scoring has no product of its own: its head counts exactly the flow's FLOPs
-    model = build_model("msflow", "quick", pretrained=False, input_size=64).eval()
-    feats = model.extract(torch.rand(2, 3, 64, 64))
-    with torch.inference_mode():
-        _, flow_flops = timing.count_flops(lambda: model(feats))
-        _, head_flops = timing.count_flops(lambda: model.predict(feats, (64, 64)))
-    assert head_flops == flow_flops > 0
