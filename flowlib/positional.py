@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from flowlib.constants import shared_constant
 
 
 def positional_encoding_2d(channels: int, height: int, width: int,
@@ -42,11 +43,10 @@ def positional_encoding_2d(channels: int, height: int, width: int,
     return pe.to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=32)
+@shared_constant(maxsize=32)
 def _shared_encoding(channels: int, height: int, width: int, device: torch.device, dtype: torch.dtype
                      ) -> Tensor:
-    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
-        return positional_encoding_2d(channels, height, width, device=device, dtype=dtype)
+    return positional_encoding_2d(channels, height, width, device=device, dtype=dtype)
 
 
 def shared_positional_encoding(channels: int, height: int, width: int,
@@ -58,7 +58,4 @@ def shared_positional_encoding(channels: int, height: int, width: int,
     (a tenth of a small flow head at batch 1). The returned ``(channels, height, width)`` tensor is
     shared between callers: treat it as read-only (take a copy before any in-place change).
     """
-    compiling = getattr(torch.compiler, "is_compiling", None)
-    if compiling is not None and compiling():  # a compiled graph folds the encoding into a constant itself
-        return positional_encoding_2d(channels, height, width, device=device, dtype=dtype)
     return _shared_encoding(channels, height, width, torch.device(device or "cpu"), dtype)

@@ -29,10 +29,11 @@ the elementwise interpolation the products replace; a head's FLOP figure stays t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
+
+from flowlib.constants import shared_constant
 
 
 def interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype = torch.float32,
@@ -66,18 +67,13 @@ def interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torc
     return matrix.to(device=device, dtype=dtype)
 
 
-def _build_plan(shapes: tuple[tuple[int, int], ...], size: tuple[int, int], align_corners: bool,
-                dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], Tensor]:
+@shared_constant(maxsize=64)
+def _shared_plan(shapes: tuple[tuple[int, int], ...], size: tuple[int, int], align_corners: bool,
+                 dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], Tensor]:
+    """The row matrices ``A_l`` and the stacked, transposed column matrices ``[B_1 | B_2 | …]ᵀ``."""
     lefts = [interpolation_matrix(h, size[0], align_corners, dtype, device) for h, _ in shapes]
     right = torch.cat([interpolation_matrix(w, size[1], align_corners, dtype, device) for _, w in shapes], 1)
     return lefts, right.T.contiguous()
-
-
-@lru_cache(maxsize=64)
-def _shared_plan(shapes: tuple[tuple[int, int], ...], size: tuple[int, int], align_corners: bool,
-                 dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], Tensor]:
-    with torch.inference_mode(False):  # normal tensors even when first asked for under inference mode
-        return _build_plan(shapes, size, align_corners, dtype, device)
 
 
 class BilinearResize(nn.Module):
@@ -85,7 +81,8 @@ class BilinearResize(nn.Module):
 
     ``Σ_l F.interpolate(x_l[:, None], (H, W), mode="bilinear", align_corners=…)[:, 0]`` up to float
     rounding, as two matrix products (see the module docstring); one map in the list is a plain resize.
-    No parameters; the interpolation matrices are built once per sizes, dtype and device, and shared.
+    No parameters; the interpolation matrices are built once per sizes, dtype and device, and shared
+    (:func:`flowlib.constants.shared_constant`).
 
     Example:
         >>> up = BilinearResize(align_corners=True)
@@ -113,11 +110,7 @@ class BilinearResize(nn.Module):
                                  f"{[(x.dtype, str(x.device)) for x in maps]}.")
         size = (int(size[0]), int(size[1]))
         shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in maps)
-        compiling = getattr(torch.compiler, "is_compiling", None)
-        if compiling is not None and compiling():  # a compiled graph folds the matrices into constants
-            lefts, right = _build_plan(shapes, size, self.align_corners, first.dtype, first.device)
-        else:
-            lefts, right = _shared_plan(shapes, size, self.align_corners, first.dtype, first.device)
+        lefts, right = _shared_plan(shapes, size, self.align_corners, first.dtype, first.device)
         rows = [torch.matmul(a, m) for a, m in zip(lefts, maps)]  # (B, H, w_l): columns still to resize
         return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)) @ right
 

@@ -65,3 +65,12 @@ def test_shared_encoding_is_built_once_and_usable_for_training() -> None:
     weight = torch.ones(8, 3, 7, requires_grad=True)
     (weight * first).sum().backward()  # an autograd graph may keep the shared tensor
     torch.testing.assert_close(weight.grad, first)
+
+
+def test_shared_constant_docstring_example_runs() -> None:
+    import doctest
+
+    from flowlib import constants
+
+    result = doctest.testmod(constants, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
