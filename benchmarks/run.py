@@ -24,7 +24,8 @@ not depend on the weights, and nothing has to be downloaded):
 Each measurement runs in a fresh process (so peak memory is its own), with one warm-up call, which is
 also the one whose FLOPs are counted, then ``--reps`` timed calls; the median is reported.
 
-The paper presets are built at their real input size; on a CPU they run at batch 1 with
+The paper presets are built at their real input size; on a CPU their inference is timed at batch 1 and at
+``--throughput-batch`` (``--skip-paper-throughput``: batch 1 only), their training at batch 1, with
 ``--paper-reps`` repetitions (``--skip-paper-training`` leaves out their training steps).
 
 Peers: anomalib's FastFlow (ResNet-18, 256 px) and CS-Flow (EfficientNet-B5, 256 px) run in their own
@@ -411,7 +412,8 @@ def plan_flowlib(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any
             large = preset != "quick"
             reps = args.paper_reps if large else args.reps
             base = {"side": "flowlib", "method": method, "preset": preset, "reps": reps}
-            infer_batches = [1] if (large and cpu) else [1, args.throughput_batch]
+            batch_1_only = large and cpu and args.skip_paper_throughput
+            infer_batches = [1] if batch_1_only else [1, args.throughput_batch]
             for b in infer_batches:
                 specs.append({**base, "kind": "infer", "batch": b})
             if preset in args.compiled:
@@ -610,7 +612,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| method | preset | backbone @ px | trainable params | GFLOPs bb / head (head %) | batch 1: ms/img "
         "(bb + head) | batch 1: CPU ms/img | batch 16: img/s | achieved GFLOP/s bb / head, batch 1: wall "
         "(CPU time) | achieved GFLOP/s bb / head, batch 16 "
-        "| peak mem MB (b1) |",
+        "| peak mem MB b1 / b16 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     res = report["results"]
@@ -642,11 +644,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{b1['ms_per_image']:.1f} ({1000 * b1['backbone']['median_s']:.1f} + "
             f"{1000 * b1['head']['median_s']:.1f}) | "
             f"{_num(1000 * b1['total'].get('cpu_median_s', float('nan')), '{:.1f}')} | "
-            f"{_num(b16['images_per_s'] if b16 else None, '{:.1f}')} | "
+            f"{_num(b16['images_per_s'] if b16 else None, '{:.3g}')} | "
             f"{_num(rate.get('backbone'), '{:.1f}')} / {_num(rate.get('head'), '{:.1f}')} "
             f"({_num(cpu_rate.get('backbone'), '{:.1f}')} / {_num(cpu_rate.get('head'), '{:.1f}')}) | "
             f"{_num(rate16.get('backbone'), '{:.1f}')} / {_num(rate16.get('head'), '{:.1f}')} | "
-            f"{b1['memory']['peak_mb']:.0f} |")
+            f"{b1['memory']['peak_mb']:.0f} / {_num(b16['memory']['peak_mb'] if b16 else None, '{:.0f}')} |")
     lines += [
         "",
         "## Training",
@@ -868,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
                              "eager model, at batch 1 ('' to leave this out; default: %(default)s)")
     parser.add_argument("--skip-paper-training", action="store_true",
                         help="measure only inference for the (large) paper presets")
+    parser.add_argument("--skip-paper-throughput", action="store_true",
+                        help="on a CPU, time the (large) paper presets' inference at batch 1 only, not also "
+                             "at --throughput-batch (about 15 min less on two cores)")
     parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
     parser.add_argument("--no-equivalence", action="store_true", help="leave out the FastFlow weight check")
     parser.add_argument("--anomalib-python", default=str(ANOMALIB_PYTHON))
