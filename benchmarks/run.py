@@ -872,11 +872,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure only inference for the (large) paper presets")
     parser.add_argument("--skip-paper-throughput", action="store_true",
                         help="on a CPU, time the (large) paper presets' inference at batch 1 only, not also "
-                             "at --throughput-batch (about 15 min less on two cores)")
+                             "at --throughput-batch (about 28 min less with one CPU thread)")
     parser.add_argument("--no-peers", action="store_true", help="leave out the anomalib comparison")
     parser.add_argument("--no-equivalence", action="store_true", help="leave out the FastFlow weight check")
     parser.add_argument("--anomalib-python", default=str(ANOMALIB_PYTHON))
-    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per measurement")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds allowed per measurement (default: %(default)s; FastFlow's CaiT paper "
+                             "preset at batch 16 took about 1000 with one CPU thread)")
     parser.add_argument("--report", metavar="JSON",
                         help="only rewrite the tables of an earlier run's JSON, measuring nothing")
     args = parser.parse_args(argv)
