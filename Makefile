@@ -38,7 +38,7 @@ clean-venv:
 ## Speed benchmark, kept out of `make test`: every method's speed, memory and FLOPs, side by side with
 ## anomalib's FastFlow and CS-Flow (installed into their own venv on first use). Writes
 ## benchmarks/results/bench_<device>.{json,md}; about an hour on 2 CPU cores (one thread per measurement:
-## BENCH_ARGS="--threads 1"; --skip-paper-throughput saves about 30 min). Options: BENCH_ARGS=...
+## BENCH_ARGS="--threads 1"; --skip-paper-throughput saves about 28 min). Options: BENCH_ARGS=...
 BENCH_VENV := benchmarks/.venv-anomalib
 .PHONY: bench
 $(BENCH_VENV)/bin/python:

@@ -97,3 +97,18 @@ def test_the_benchmark_counts_no_flops_for_the_resize_products(bench) -> None:
         _, flow_flops = bench.count_flops(lambda: model(feats))
         _, head_flops = bench.count_flops(lambda: model.predict(feats, (64, 64)))
     assert head_flops == flow_flops > 0
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_paper_presets_are_timed_at_batch_16_on_a_cpu_unless_skipped(bench, skip) -> None:
+    import argparse
+
+    args = argparse.Namespace(methods=["msflow"], presets=["quick", "paper"], device="cpu", reps=5,
+                              paper_reps=2, throughput_batch=16, compiled=[], skip_paper_training=True,
+                              skip_paper_throughput=skip, epoch_category="")
+    log: list[str] = []
+    specs = bench.plan_flowlib(args, log)
+    batches = {(s["preset"], s["batch"]) for s in specs if s["kind"] == "infer"}
+    assert ("quick", 1) in batches and ("quick", 16) in batches and ("paper", 1) in batches
+    assert (("paper", 16) in batches) is not skip
+    assert not log
