@@ -596,13 +596,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Earlier run merged into this report: `{run['command']}` ({run['started']}, load average "
                   f"{run['load_average_start']} → {run['load_average_end']}); the rows it measured and "
                   "later runs did not repeat are kept.", ""]
+    tb = s["throughput_batch"]
     lines += [
         "Models are built without pretrained weights (speed does not depend on them). Medians of "
         f"{s['reps']} timed calls ({s['paper_reps']} for paper presets) after one warm-up. FLOPs count "
         "convolutions and matrix products (2 per multiply-add), per image; the GFLOPs column is at batch "
         "1, and each FLOP/s figure uses the count at its own batch (a head that computes a part once per "
         "batch, as MSFlow's subnets do for the positional encoding, does fewer FLOPs per image at batch "
-        "16). *bb* = frozen backbone "
+        f"{tb}). *bb* = frozen backbone "
         "(`extract`), *head* = flow + scoring (`predict`) or flow + loss + backward + optimiser step. "
         "† = measured while the load average exceeded the number of cores (other work running): "
         "slower and noisier than the machine can do.",
@@ -610,9 +611,9 @@ def markdown(report: dict[str, Any]) -> str:
         "## Inference",
         "",
         "| method | preset | backbone @ px | trainable params | GFLOPs bb / head (head %) | batch 1: ms/img "
-        "(bb + head) | batch 1: CPU ms/img | batch 16: img/s | achieved GFLOP/s bb / head, batch 1: wall "
-        "(CPU time) | achieved GFLOP/s bb / head, batch 16 "
-        "| peak mem MB b1 / b16 |",
+        f"(bb + head) | batch 1: CPU ms/img | batch {tb}: img/s | achieved GFLOP/s bb / head, batch 1: "
+        f"wall (CPU time) | achieved GFLOP/s bb / head, batch {tb} "
+        f"| peak mem MB b1 / b{tb} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     res = report["results"]

@@ -112,3 +112,11 @@ def test_paper_presets_are_timed_at_batch_16_on_a_cpu_unless_skipped(bench, skip
     assert ("quick", 1) in batches and ("quick", 16) in batches and ("paper", 1) in batches
     assert (("paper", 16) in batches) is not skip
     assert not log
+
+
+def test_the_inference_table_names_the_throughput_batch_it_was_run_with(bench) -> None:
+    report = _report([], [], "run.py --throughput-batch 8", "2026-01-01")
+    report["settings"]["throughput_batch"] = 8
+    text = bench.markdown(report)
+    assert "| batch 8: img/s |" in text and "peak mem MB b1 / b8 |" in text
+    assert "batch 16" not in text
