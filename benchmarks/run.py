@@ -838,12 +838,18 @@ def rerender(path: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _comma_list(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``; ``""`` -> ``[]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the benchmark (``--methods``, ``--presets`` and ``--compiled`` parse to lists)."""
     parser = argparse.ArgumentParser(description="flowlib speed benchmark (see the module docstring).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    parser.add_argument("--methods", type=_comma_list, default=",".join(DEFAULT_METHODS),
                         help="comma-separated methods (default: %(default)s)")
-    parser.add_argument("--presets", default="quick,paper",
+    parser.add_argument("--presets", type=_comma_list, default="quick,paper",
                         help="comma-separated presets (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(HERE / "results"),
@@ -866,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-category", default="brick",
                         help="built-in category whose training epochs are timed, live and cached, for the "
                              "quick presets ('' to leave this out; default: %(default)s)")
-    parser.add_argument("--compiled", default="quick",
+    parser.add_argument("--compiled", type=_comma_list, default="quick",
                         help="presets whose inference is also timed compiled (torch.compile), beside the "
                              "eager model, at batch 1 ('' to leave this out; default: %(default)s)")
     parser.add_argument("--skip-paper-training", action="store_true",
@@ -882,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
                              "preset at batch 16 took about 1000 with one CPU thread)")
     parser.add_argument("--report", metavar="JSON",
                         help="only rewrite the tables of an earlier run's JSON, measuring nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
@@ -892,9 +903,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         return rerender(Path(args.report))
 
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    args.compiled = [p.strip() for p in args.compiled.split(",") if p.strip()]
     from flowlib.config import get_device
 
     try:

@@ -101,11 +101,10 @@ def test_the_benchmark_counts_no_flops_for_the_resize_products(bench) -> None:
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_paper_presets_are_timed_at_batch_16_on_a_cpu_unless_skipped(bench, skip) -> None:
-    import argparse
-
-    args = argparse.Namespace(methods=["msflow"], presets=["quick", "paper"], device="cpu", reps=5,
-                              paper_reps=2, throughput_batch=16, compiled=[], skip_paper_training=True,
-                              skip_paper_throughput=skip, epoch_category="")
+    argv = ["--methods", "msflow", "--presets", "quick, paper", "--device", "cpu", "--compiled", "",
+            "--skip-paper-training", "--epoch-category", ""] + (["--skip-paper-throughput"] if skip else [])
+    args = bench.build_parser().parse_args(argv)
+    assert (args.methods, args.presets, args.compiled) == (["msflow"], ["quick", "paper"], [])
     log: list[str] = []
     specs = bench.plan_flowlib(args, log)
     batches = {(s["preset"], s["batch"]) for s in specs if s["kind"] == "infer"}
