@@ -128,11 +128,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def _check_finite(loss: Tensor, model: AnomalyModel, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
+def _check_finite(loss: float, model: AnomalyModel, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
         cfg = model.config
         raise NonFiniteLossError(
-            f"{model.method}: the loss became {loss.item()} at epoch {epoch}, step {step}. Try a lower "
+            f"{model.method}: the loss became {loss} at epoch {epoch}, step {step}. Try a lower "
             f"learning rate (lr={cfg.lr}), gradient clipping (grad_clip={cfg.grad_clip}), a smaller soft "
             f"clamp, or check the input features for NaN/inf. Nothing was written for this run.")
 
@@ -182,7 +182,8 @@ def fit(model: AnomalyModel, train: Dataset | FeatureSet, *, epochs: int | None 
         for step, (feats, class_ids) in enumerate(batches):
             feats = [f.to(device, non_blocking=True) for f in feats]
             loss = model.loss(feats, torch.as_tensor(class_ids).to(device))
-            _check_finite(loss, model, epoch, step)
+            value = loss.item()  # the step's one read from the device: checked here, summed below
+            _check_finite(value, model, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -190,7 +191,7 @@ def fit(model: AnomalyModel, train: Dataset | FeatureSet, *, epochs: int | None 
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += loss.item() * len(class_ids)
+            total += value * len(class_ids)
             count += len(class_ids)
         entry: dict[str, Any] = {"epoch": epoch, "loss": total / max(count, 1)}
         if eval_set is not None and eval_every and (epoch % eval_every == 0 or epoch == epochs):

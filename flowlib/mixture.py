@@ -94,8 +94,14 @@ def squared_distances(z: Tensor, centres: Tensor) -> Tensor:
 
 
 def smooth_onehot(labels: Tensor, n_classes: int, smoothing: float = 0.02) -> Tensor:
-    """``(1 − ε)·onehot(labels) + ε / K``: ``(N,)`` integer labels → ``(N, K)``."""
-    onehot = F.one_hot(labels, n_classes).to(torch.get_default_dtype())
+    """``(1 − ε)·onehot(labels) + ε / K``: ``(N,)`` integer labels in ``[0, K)`` → ``(N, K)``.
+
+    The one-hot matrix is written with ``scatter_``: unlike ``F.one_hot``, which reads the labels' range
+    back to the host, it never waits for the device (the caller checks the range once, see
+    :meth:`HierarchicalGaussianMixture.losses`).
+    """
+    onehot = torch.zeros(labels.shape[0], n_classes, dtype=torch.get_default_dtype(), device=labels.device)
+    onehot.scatter_(1, labels.view(-1, 1), 1.0)
     return onehot * (1.0 - smoothing) + smoothing / n_classes
 
 
@@ -150,6 +156,9 @@ class HierarchicalGaussianMixture(nn.Module):
     def intra_logits(self, z: Tensor, labels: Tensor) -> Tensor:
         """``−½‖z_n − μ_{y_n,j}‖² + log ψ_{y_n,j}`` for ``z`` ``(N, D)``, labels ``(N,)`` → ``(N, M)``."""
         self._check_labels(labels)
+        return self._intra_logits(z, labels)
+
+    def _intra_logits(self, z: Tensor, labels: Tensor) -> Tensor:
         centres = self.intra_centres()
         dist = squared_distances(z, centres.reshape(-1, self.dim)).view(-1, self.n_classes, self.n_intra)
         own = dist.gather(1, labels.view(-1, 1, 1).expand(-1, 1, self.n_intra)).squeeze(1)
@@ -157,7 +166,11 @@ class HierarchicalGaussianMixture(nn.Module):
         return -0.5 * own + log_psi
 
     def _check_labels(self, labels: Tensor) -> None:
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+        """A clear error for class ids outside ``[0, K)``; one read from the device (both ends at once)."""
+        if not labels.numel():
+            return
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < 0 or hi >= self.n_classes:
             raise ValueError(f"class ids must lie in [0, {self.n_classes}); got {labels.unique().tolist()}. "
                              "Build the model with n_classes equal to the number of training categories.")
 
@@ -203,7 +216,7 @@ class HierarchicalGaussianMixture(nn.Module):
         terms["L_mi"] = info.sum(1).mean()
         terms["L_e"] = entropy_from_logits(logits).mean()
         if intra:
-            log_mix = torch.logsumexp(self.intra_logits(z, labels), dim=1)
+            log_mix = torch.logsumexp(self._intra_logits(z, labels), dim=1)  # labels checked above
             terms["L_g_intra"] = ((-log_mix - log_det) / self.dim).mean()
             log_p = (self.dim * LOG_NORMAL_CONST + log_mix + log_det) / self.dim
             terms["L_z"] = -F.logsigmoid(log_p).mean()

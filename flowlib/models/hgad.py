@@ -317,7 +317,7 @@ class HGAD(AnomalyModel):
             self.init_input_norm(features)
         stage_two = self.in_stage_two()
         total = features[0].new_zeros(())
-        terms_sum: dict[str, float] = {}
+        logged: list[tuple[str, Tensor]] = []
         for level, feat in enumerate(features):
             x, cond, labels = self._vectors(feat, level, class_ids, self.config.positions_per_step)
             z, log_det = self._flow(level, x, cond)
@@ -329,8 +329,12 @@ class HGAD(AnomalyModel):
                 terms = _single_gaussian_terms(z, log_det)
                 loss = terms["L_nll"] + terms["L_z"]
             total = total + loss
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach())
+            logged.extend(terms.items())
+        # the terms are logged with one read from the device per step, not one per term and level
+        values = torch.stack([v.detach() for _, v in logged]).tolist()
+        terms_sum: dict[str, float] = {}
+        for (k, _), v in zip(logged, values, strict=True):
+            terms_sum[k] = terms_sum.get(k, 0.0) + v
         self.last_terms = terms_sum
         if self.training and torch.is_grad_enabled():
             self._train_steps += 1
