@@ -289,6 +289,16 @@ def test_mvtec3d_rgb_and_gt(mvtec3d_root):
         load_dataset("mvtec3d", "carrot", "test", root=mvtec3d_root)
 
 
+def test_mvtec3d_missing_mask_is_named(mvtec3d_root):
+    missing = mvtec3d_root / "bagel" / "test" / "hole" / "gt" / "000.png"
+    missing.unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("mvtec3d", "bagel", "test", root=mvtec3d_root)
+    msg = str(err.value)
+    assert f"Mask '{missing}'" in msg and str(missing.parents[1] / "rgb" / "000.png") in msg
+    assert "Expected layout" in msg and "test/crack/gt/000.png" in msg
+
+
 # ---------------------------------------------------------------------------------------------- plain folder
 
 

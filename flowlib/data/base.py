@@ -17,7 +17,7 @@ grid, screw and zipper are grayscale).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,34 @@ def list_images(folder: Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def defect_folder_records(folders: Iterable[tuple[str, Path]], mask_of: Callable[[str, Path], Path],
+                          tree: str) -> list[Record]:
+    """Records of test images sorted into one folder per defect type, as MVTec AD and its kin keep them.
+
+    Args:
+        folders: ``(defect name, folder holding its images)`` pairs, in the order wanted; the defect
+            ``"good"`` holds the normal images.
+        mask_of: ``(defect, image path) -> mask path`` that a defective image must have.
+        tree: the expected layout, quoted when a mask is missing.
+
+    Returns:
+        Good images as label 0 without a mask, the others as label 1 with theirs; images sorted by
+        name within a folder.
+    """
+    records = []
+    for defect, folder in folders:
+        for path in list_images(folder):
+            if defect == GOOD:
+                records.append(Record(path, None, 0, GOOD))
+                continue
+            mask = mask_of(defect, path)
+            if not mask.is_file():
+                raise DatasetNotFoundError(f"Mask '{mask}' for defective image '{path}' is missing.\n"
+                                           f"Expected layout:\n{tree}")
+            records.append(Record(path, mask, 1, defect))
+    return records
 
 
 def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("", "_mask")) -> Path | None:

@@ -23,6 +23,7 @@ from flowlib.data.base import (
     DatasetNotFoundError,
     Record,
     check_split,
+    defect_folder_records,
     list_images,
     missing_category_error,
     missing_root_error,
@@ -69,18 +70,9 @@ def mvtec_layout_records(root: Path, category: str, split: str, title: str = "MV
 
     test_dir = cat_dir / "test"
     defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-    records = []
-    for defect_dir in defect_dirs:
-        defect = defect_dir.name
-        for path in list_images(defect_dir):
-            if defect == GOOD:
-                records.append(Record(path, None, 0, GOOD))
-                continue
-            mask = cat_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
-            if not mask.is_file():
-                raise DatasetNotFoundError(f"Mask '{mask}' for defective image '{path}' is missing.\n"
-                                           f"Expected layout:\n{tree}")
-            records.append(Record(path, mask, 1, defect))
+    gt_dir = cat_dir / "ground_truth"
+    records = defect_folder_records(((d.name, d) for d in defect_dirs),
+                                    lambda defect, path: gt_dir / defect / f"{path.stem}_mask.png", tree)
     if not records:
         raise DatasetNotFoundError(f"No test images in '{test_dir}/<type>/'.\nExpected layout:\n{tree}")
     return records

@@ -13,12 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flowlib.data.base import (
-    GOOD,
     AnomalyDataset,
     DatasetNotFoundError,
     Record,
     check_split,
-    list_images,
+    defect_folder_records,
     missing_category_error,
     missing_root_error,
     resolve_root,
@@ -50,18 +49,8 @@ def mvtec3d_records(root: Path, category: str, split: str) -> list[Record]:
 
     split_dir = cat_dir / split
     defect_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
-    records = []
-    for defect_dir in defect_dirs:
-        defect = defect_dir.name
-        for path in list_images(defect_dir / "rgb"):
-            if defect == GOOD:
-                records.append(Record(path, None, 0, GOOD))
-                continue
-            mask = defect_dir / "gt" / path.name
-            if not mask.is_file():
-                raise DatasetNotFoundError(f"Mask '{mask}' for defective image '{path}' is missing.\n"
-                                           f"Expected layout:\n{TREE}")
-            records.append(Record(path, mask, 1, defect))
+    records = defect_folder_records(((d.name, d / "rgb") for d in defect_dirs),
+                                    lambda defect, path: split_dir / defect / "gt" / path.name, TREE)
     if not records:
         raise DatasetNotFoundError(f"No images in '{split_dir}/<type>/rgb/'.\nExpected layout:\n{TREE}")
     return records
