@@ -17,6 +17,10 @@ not depend on the weights, and nothing has to be downloaded):
 * ``epoch`` (quick presets): one training epoch of :func:`flowlib.engine.fit` on a category of the
   built-in data, images read from disk and run through the backbone every epoch (``cache_features=False``)
   against the same epoch on features cached once (the one-off caching pass is timed separately);
+* ``train_compiled`` (``--compiled-training``, quick presets by default): the training step on cached
+  features with a ``torch.compile``-d loss against the eager one, steps alternated, and the compile time;
+* ``infer_compiled`` (``--compiled``, quick presets by default): batch-1 inference with
+  ``model.compile_inference()`` against the eager model, calls alternated, and the compile time;
 * FLOPs (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products, 2 per
   multiply-add) of the backbone and of the head, and the FLOP/s each part achieves;
 * peak memory: growth of the resident set during the measurement (CPU), or the CUDA allocator's peak.
@@ -40,6 +44,8 @@ Results: ``--out`` (default ``benchmarks/results``) gets ``bench_<device>.json``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import importlib
 import json
 import os
@@ -77,6 +83,7 @@ from timing import (  # noqa: E402
 )
 
 DEFAULT_METHODS = ("fastflow", "csflow", "msflow", "hgad")
+FLOWLIB_KINDS = ("infer", "infer_compiled", "train_live", "train_cached", "train_compiled", "epoch")
 ANOMALIB_PYTHON = HERE / ".venv-anomalib" / "bin" / "python"
 
 #: flowlib's configuration that does the same computation as anomalib's default model, and anomalib's
@@ -128,6 +135,39 @@ def _describe(model: Any) -> dict[str, Any]:
             "config_batch_size": int(cfg.batch_size)}
 
 
+def _training_step(model: Any, loss_fn: Any, class_ids: torch.Tensor, steps: int) -> Any:
+    """``step(features) -> loss`` as ``engine.fit`` takes it: ``loss_fn``, backward, clipping, optimiser and
+    scheduler step, with an optimiser of ``model``'s own whose schedule lasts at least ``steps`` steps."""
+    optimizer, scheduler = model.configure_optimizers(max(steps, 10))
+    params = model.trainable_parameters()
+    clip = model.config.grad_clip
+
+    def step(feats: list[torch.Tensor]) -> float:
+        loss = loss_fn(feats, class_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return float(loss.detach())
+
+    return step
+
+
+@contextlib.contextmanager
+def _empty_compiler_cache() -> Any:
+    """An empty, temporary compiler cache for the block, so that a compile time is what a first run pays
+    (a warm cache cuts it several-fold)."""
+    with tempfile.TemporaryDirectory(prefix="flowlib-bench-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement (``infer``, ``train_live``, ``train_cached`` or ``equivalence``) of a flowlib model."""
     set_threads(spec.get("threads"))
@@ -138,6 +178,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return epoch_times(spec, device)
     if spec["kind"] == "infer_compiled":
         return compiled_inference(spec, device)
+    if spec["kind"] == "train_compiled":
+        return compiled_training(spec, device)
     model = _build(spec, device)
     size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
     x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
@@ -153,22 +195,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] in ("train_live", "train_cached"):
         live = spec["kind"] == "train_live"
         model.train()
-        optimizer, scheduler = model.configure_optimizers(max(reps + 1, 10))
-        params = model.trainable_parameters()
-        clip = model.config.grad_clip
+        step = _training_step(model, model.loss, class_ids, reps + 1)
         cached = None if live else [f.detach() for f in model.extract(x)]
-
-        def step(feats: list[torch.Tensor]) -> float:
-            loss = model.loss(feats, class_ids)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            return float(loss.detach())
-
         result.update(measure_training(lambda: model.extract(x), step, cached, batch, reps, device))
         return result
     raise ValueError(f"Unknown measurement kind {spec['kind']!r}.")
@@ -197,9 +225,7 @@ def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, 
         return {part: (wall[0], cpu[0]) for part, (wall, cpu) in laps.items()}
 
     runs: dict[str, list[dict[str, tuple[float, float]]]] = {name: [] for name in sides}
-    # an empty compiler cache, so that compile_s is what a first run pays (a warm cache cuts it several-fold)
-    with tempfile.TemporaryDirectory(prefix="flowlib-bench-inductor-") as cache, torch.inference_mode():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    with _empty_compiler_cache(), torch.inference_mode():
         feats, bb_flops = count_flops(lambda: eager[0](x))
         (maps, scores), head_flops = count_flops(lambda: eager[1](feats, (size, size), class_ids))
         w0, _ = stamp(device)
@@ -208,7 +234,6 @@ def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, 
         for _ in range(reps):
             for name, (extract, predict) in sides.items():  # eager, then compiled
                 runs[name].append(lap(extract, predict))
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     out: dict[str, Any] = {"side": "flowlib", "method": spec["method"], "preset": spec["preset"],
                            "kind": "infer_compiled", "batch": batch, "device": str(device),
                            **_describe(model), "compile_s": w1 - w0,
@@ -224,6 +249,51 @@ def compiled_inference(spec: dict[str, Any], device: torch.device) -> dict[str, 
     pairs = list(zip(runs["eager"], runs["compiled"]))
     out["speedup"] = {part: statistics.median(e[part][0] / c[part][0] for e, c in pairs) for part in parts}
     return out
+
+
+def compiled_training(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Training steps on cached features with the eager and the ``torch.compile``-d loss, steps alternated.
+
+    Two copies of one model (same weights), each with its own optimiser; the copy's ``loss`` is compiled
+    with ``torch.compile``'s defaults (its backward goes through the compiler too). The first step of each
+    side is timed on its own: the compiled one compiles, in an empty compiler cache. Then each repetition
+    times one eager and one compiled step, so a change in the machine's speed hits both; the speed-up is
+    the median of the per-repetition ratios. Both sides take the same steps on the same batch, so their
+    losses differ by rounding only: the largest relative difference over all steps is reported.
+    """
+    model = _build(spec, device).train()
+    twin = copy.deepcopy(model)
+    size, batch, reps = int(model.config.input_size), int(spec["batch"]), int(spec.get("reps", 3))
+    x = _images(batch, size, int(spec.get("input_seed", 1234))).to(device)
+    class_ids = torch.zeros(batch, dtype=torch.long, device=device)
+    with torch.no_grad():
+        feats = [f.detach() for f in model.extract(x)]
+    sides = {"eager": _training_step(model, model.loss, class_ids, reps + 1),
+             "compiled": _training_step(twin, torch.compile(twin.loss), class_ids, reps + 1)}
+    losses: dict[str, list[float]] = {name: [] for name in sides}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
+
+    def timed(name: str) -> tuple[float, float]:
+        w0, c0 = stamp(device)
+        losses[name].append(sides[name](feats))
+        w1, c1 = stamp(device)
+        return w1 - w0, c1 - c0
+
+    with _empty_compiler_cache():
+        first = {name: timed(name)[0] for name in sides}  # eager, then compiled (compiling)
+        for _ in range(reps):
+            for name in sides:
+                wall, cpu = timed(name)
+                times[name][0].append(wall)
+                times[name][1].append(cpu)
+    pairs = zip(times["eager"][0], times["compiled"][0])
+    rel = [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(losses["eager"], losses["compiled"])]
+    return {"side": "flowlib", "method": spec["method"], "preset": spec["preset"], "kind": "train_compiled",
+            "batch": batch, "device": str(device), **_describe(model),
+            "first_eager_s": first["eager"], "compile_s": first["compiled"],
+            "eager": summary(*times["eager"]), "compiled": summary(*times["compiled"]),
+            "speedup": statistics.median(e / c for e, c in pairs),
+            "losses": losses, "max_rel_loss_diff": max(rel)}
 
 
 def epoch_times(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -423,9 +493,13 @@ def plan_flowlib(args: argparse.Namespace, log: list[str]) -> list[dict[str, Any
             train_batch = 1 if (large and cpu) else int(cfg.batch_size)
             for kind in ("train_live", "train_cached"):
                 specs.append({**base, "kind": kind, "batch": train_batch})
+            if preset in args.compiled_training:
+                specs.append({**base, "kind": "train_compiled", "batch": train_batch})
             if preset == "quick" and args.epoch_category:
                 specs.append({**base, "kind": "epoch", "batch": int(cfg.batch_size), "reps": 3,
                               "category": args.epoch_category})
+    if args.kinds:
+        specs = [s for s in specs if s["kind"] in args.kinds]
     return specs
 
 
@@ -736,6 +810,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{sp['backbone']:.2f}× / {sp['head']:.2f}× / **{sp['total']:.2f}×** | "
                 f"{_num(vs_alone, '{:.2f}×')} | "
                 f"{rate[0]:.1f} / {rate[1]:.1f} | {r['compile_s']:.0f} | {r['max_rel_diff_maps']:.1e} |")
+    compiled_steps = [r for r in res if r.get("kind") == "train_compiled" and "error" not in r]
+    if compiled_steps:
+        lines += [
+            "",
+            "## Compiled training steps (`torch.compile(model.loss)` with its defaults)",
+            "",
+            "One process per row: two copies of the model with the same weights take the same training "
+            "steps on the same cached features, one with the eager loss, one with the compiled loss (its "
+            "backward compiled too), steps alternated; the speed-up is the median of the per-step ratios. "
+            "*compile s*: the compiled side's first step, in an empty compiler cache (paid once per batch "
+            "shape; a last, smaller batch compiles again). The losses of the two sides differ by rounding "
+            "only.",
+            "",
+            "| method | preset | batch | eager ms/step | compiled ms/step | speed-up | compile s "
+            "| steps compared | max rel. loss diff |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled_steps:
+            lines.append(
+                f"| {r['method']} | {r['preset']}{tag(r)} | {r['batch']} | "
+                f"{1000 * r['eager']['median_s']:.1f} | {1000 * r['compiled']['median_s']:.1f} | "
+                f"**{r['speedup']:.2f}×** | {r['compile_s']:.0f} | {len(r['losses']['eager'])} | "
+                f"{r['max_rel_loss_diff']:.1e} |")
     if report["peers"]:
         lines += ["", "## flowlib vs anomalib (same inputs, same batch, same machine, sides alternated)", ""]
         for method in dict.fromkeys(p["method"] for p in report["peers"]):
@@ -875,6 +972,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compiled", type=_comma_list, default="quick",
                         help="presets whose inference is also timed compiled (torch.compile), beside the "
                              "eager model, at batch 1 ('' to leave this out; default: %(default)s)")
+    parser.add_argument("--compiled-training", type=_comma_list, default="quick",
+                        help="presets whose training step on cached features is also timed with a compiled "
+                             "loss (torch.compile), alternated with the eager step, at the training batch "
+                             "('' to leave this out; default: %(default)s)")
+    parser.add_argument("--kinds", type=_comma_list, default="",
+                        help="only these measurements of flowlib's models, e.g. 'train_compiled' or "
+                             f"'infer,epoch' (of: {', '.join(FLOWLIB_KINDS)}; default: all that the other "
+                             "options ask for)")
     parser.add_argument("--skip-paper-training", action="store_true",
                         help="measure only inference for the (large) paper presets")
     parser.add_argument("--skip-paper-throughput", action="store_true",
@@ -902,6 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report:
         return rerender(Path(args.report))
+    unknown = [k for k in args.kinds if k not in FLOWLIB_KINDS]
+    if unknown:
+        parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(FLOWLIB_KINDS)}.")
 
     from flowlib.config import get_device
 
@@ -942,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
             print("ok", flush=True)
         elif spec["kind"] == "infer_compiled":
             print(f"compiled in {r['compile_s']:.0f} s, {r['speedup']['total']:.2f}x faster than eager "
+                  f"(load {r.get('load_average', ['?'])[0]})", flush=True)
+        elif spec["kind"] == "train_compiled":
+            print(f"compiled in {r['compile_s']:.0f} s, steps {r['speedup']:.2f}x as fast as eager "
                   f"(load {r.get('load_average', ['?'])[0]})", flush=True)
         elif spec["kind"] == "epoch":
             print(f"{r['live']['median_s']:.2f} s/epoch live, {r['cached']['median_s']:.2f} s/epoch cached "

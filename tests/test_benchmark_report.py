@@ -119,3 +119,50 @@ def test_the_inference_table_names_the_throughput_batch_it_was_run_with(bench) -
     text = bench.markdown(report)
     assert "| batch 8: img/s |" in text and "peak mem MB b1 / b8 |" in text
     assert "batch 16" not in text
+
+
+def test_compiled_training_is_planned_at_the_training_batch_and_kinds_filter_the_plan(bench) -> None:
+    from flowlib.models import get_config
+
+    argv = ["--methods", "hgad", "--presets", "quick,paper", "--device", "cpu", "--compiled-training",
+            "quick,paper", "--kinds", "train_compiled"]
+    args = bench.build_parser().parse_args(argv)
+    specs = bench.plan_flowlib(args, [])
+    assert [(s["kind"], s["preset"], s["batch"]) for s in specs] == [
+        ("train_compiled", "quick", int(get_config("hgad", "quick").batch_size)),
+        ("train_compiled", "paper", 1)]  # the paper presets train at batch 1 on a CPU
+    args = bench.build_parser().parse_args(argv + ["--skip-paper-training"])
+    assert [s["preset"] for s in bench.plan_flowlib(args, [])] == ["quick"]
+    args = bench.build_parser().parse_args(argv[:-2] + ["--compiled-training", ""])
+    assert "train_compiled" not in {s["kind"] for s in bench.plan_flowlib(args, [])}
+
+
+def test_an_unknown_kind_is_refused_with_the_choices(bench, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--kinds", "train_compile", "--no-peers"])
+    err = capsys.readouterr().err
+    assert "--kinds: unknown train_compile" in err and "train_compiled" in err
+
+
+def test_the_compiled_training_table_shows_each_row(bench) -> None:
+    row = {"side": "flowlib", "method": "msflow", "preset": "quick", "kind": "train_compiled", "batch": 4,
+           "eager": {"median_s": 0.0532}, "compiled": {"median_s": 0.0441}, "speedup": 1.21,
+           "compile_s": 71.6, "losses": {"eager": [3.0] * 6, "compiled": [3.0] * 6},
+           "max_rel_loss_diff": 2.5e-7}
+    text = bench.markdown(_report([row], [], "run.py", "2026-01-01"))
+    assert "## Compiled training steps" in text
+    assert "| msflow | quick | 4 | 53.2 | 44.1 | **1.21×** | 72 | 6 | 2.5e-07 |" in text
+
+
+def test_the_compiled_training_worker_runs_both_sides_on_equal_terms(bench, monkeypatch) -> None:
+    """With ``torch.compile`` replaced by the identity the two sides are the same computation, so their
+    losses must agree exactly: the copies start from the same weights and keep separate optimisers."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    spec = {"method": "hgad", "preset": "quick", "kind": "train_compiled", "batch": 2, "reps": 2,
+            "overrides": {"input_size": 64}}
+    r = bench.compiled_training(spec, torch.device("cpu"))
+    assert r["kind"] == "train_compiled" and r["batch"] == 2
+    assert len(r["losses"]["eager"]) == len(r["losses"]["compiled"]) == 3  # the first step and 2 pairs
+    assert r["losses"]["eager"] == r["losses"]["compiled"] and r["max_rel_loss_diff"] == 0.0
+    assert len(set(r["losses"]["eager"])) == 3  # the weights moved: three different losses
+    assert r["eager"]["reps"] == r["compiled"]["reps"] == 2 and r["speedup"] > 0 and r["compile_s"] > 0
