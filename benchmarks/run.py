@@ -258,8 +258,9 @@ def compiled_training(spec: dict[str, Any], device: torch.device) -> dict[str, A
     with ``torch.compile``'s defaults (its backward goes through the compiler too). The first step of each
     side is timed on its own: the compiled one compiles, in an empty compiler cache. Then each repetition
     times one eager and one compiled step, so a change in the machine's speed hits both; the speed-up is
-    the median of the per-repetition ratios. Both sides take the same steps on the same batch, so their
-    losses differ by rounding only: the largest relative difference over all steps is reported.
+    the median of the per-repetition ratios. Both sides take the same steps on the same batch, with the
+    global random generator seeded alike before each side's i-th step, so their losses differ by rounding
+    only: the largest relative difference over all steps is reported.
     """
     model = _build(spec, device).train()
     twin = copy.deepcopy(model)
@@ -274,6 +275,8 @@ def compiled_training(spec: dict[str, Any], device: torch.device) -> dict[str, A
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
 
     def timed(name: str) -> tuple[float, float]:
+        # the i-th step of either side draws the same random numbers (HGAD trains on random positions)
+        torch.manual_seed(int(spec.get("seed", 0)) + 1 + len(losses[name]))
         w0, c0 = stamp(device)
         losses[name].append(sides[name](feats))
         w1, c1 = stamp(device)

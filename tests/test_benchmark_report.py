@@ -156,10 +156,11 @@ def test_the_compiled_training_table_shows_each_row(bench) -> None:
 
 def test_the_compiled_training_worker_runs_both_sides_on_equal_terms(bench, monkeypatch) -> None:
     """With ``torch.compile`` replaced by the identity the two sides are the same computation, so their
-    losses must agree exactly: the copies start from the same weights and keep separate optimisers."""
+    losses must agree exactly: the copies start from the same weights, keep separate optimisers, and draw
+    the same random positions at their i-th step."""
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     spec = {"method": "hgad", "preset": "quick", "kind": "train_compiled", "batch": 2, "reps": 2,
-            "overrides": {"input_size": 64}}
+            "overrides": {"input_size": 64, "positions_per_step": 5}}  # random positions at every step
     r = bench.compiled_training(spec, torch.device("cpu"))
     assert r["kind"] == "train_compiled" and r["batch"] == 2
     assert len(r["losses"]["eager"]) == len(r["losses"]["compiled"]) == 3  # the first step and 2 pairs
