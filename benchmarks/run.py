@@ -169,7 +169,7 @@ def _empty_compiler_cache() -> Any:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement (``infer``, ``train_live``, ``train_cached`` or ``equivalence``) of a flowlib model."""
+    """One measurement of a flowlib model: a kind of :data:`FLOWLIB_KINDS`, or ``equivalence``."""
     set_threads(spec.get("threads"))
     device = torch.device(spec.get("device", "cpu"))
     if spec["kind"] == "equivalence":
@@ -823,8 +823,9 @@ def markdown(report: dict[str, Any]) -> str:
             "steps on the same cached features, one with the eager loss, one with the compiled loss (its "
             "backward compiled too), steps alternated; the speed-up is the median of the per-step ratios. "
             "*compile s*: the compiled side's first step, in an empty compiler cache (paid once per batch "
-            "shape; a last, smaller batch compiles again). The losses of the two sides differ by rounding "
-            "only.",
+            "shape; a last, smaller batch compiles again). *max rel. loss diff*: the largest relative "
+            "difference between the two sides' losses over the steps compared; with the same weights, "
+            "batches and random draws, it is rounding unless compiling changed the computation.",
             "",
             "| method | preset | batch | eager ms/step | compiled ms/step | speed-up | compile s "
             "| steps compared | max rel. loss diff |",
