@@ -31,6 +31,7 @@ from timing import (
     measure_training,
     set_threads,
     sync,
+    training_step,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,15 +166,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 cached = [f.detach() for f in parts.backbone(x)]
 
-        def step(feats: list[torch.Tensor]) -> None:
-            hidden, log_jac = parts.flow(feats)
-            loss = loss_fn(hidden, log_jac)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-
+        step = training_step(lambda feats: loss_fn(*parts.flow(feats)), opt, params, clip)
         result.update(measure_training(lambda: parts.backbone(x), step, cached, batch, reps, device))
         return result
     raise ValueError(f"Unknown measurement kind {kind!r} for the anomalib side.")

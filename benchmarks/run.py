@@ -80,6 +80,7 @@ from timing import (  # noqa: E402
     split_laps,
     stamp,
     summary,
+    training_step,
 )
 
 DEFAULT_METHODS = ("fastflow", "csflow", "msflow", "hgad")
@@ -136,24 +137,11 @@ def _describe(model: Any) -> dict[str, Any]:
 
 
 def _training_step(model: Any, loss_fn: Any, class_ids: torch.Tensor, steps: int) -> Any:
-    """``step(features) -> loss`` as ``engine.fit`` takes it: ``loss_fn``, backward, clipping, optimiser and
-    scheduler step, with an optimiser of ``model``'s own whose schedule lasts at least ``steps`` steps."""
+    """:func:`timing.training_step` for a flowlib model: its ``loss_fn`` (``model.loss`` or a compiled
+    one), its own optimiser and scheduler (a schedule of at least ``steps`` steps) and gradient clipping."""
     optimizer, scheduler = model.configure_optimizers(max(steps, 10))
-    params = model.trainable_parameters()
-    clip = model.config.grad_clip
-
-    def step(feats: list[torch.Tensor]) -> float:
-        loss = loss_fn(feats, class_ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        return float(loss.detach())
-
-    return step
+    return training_step(lambda feats: loss_fn(feats, class_ids), optimizer, model.trainable_parameters(),
+                         model.config.grad_clip, scheduler)
 
 
 @contextlib.contextmanager
@@ -278,7 +266,7 @@ def compiled_training(spec: dict[str, Any], device: torch.device) -> dict[str, A
         # the i-th step of either side draws the same random numbers (HGAD trains on random positions)
         torch.manual_seed(int(spec.get("seed", 0)) + 1 + len(losses[name]))
         w0, c0 = stamp(device)
-        losses[name].append(sides[name](feats))
+        losses[name].append(float(sides[name](feats)))
         w1, c1 = stamp(device)
         return w1 - w0, c1 - c0
 

@@ -215,6 +215,30 @@ def measure_inference(backbone: Callable[[], Any], head: Callable[[Any], Any], s
             "ms_per_image": 1000 * t["median_s"] / batch, "images_per_s": batch / t["median_s"]}
 
 
+def training_step(loss_of: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer,
+                  params: list[torch.Tensor], clip: float | None = None, scheduler: Any = None
+                  ) -> Callable[[Any], torch.Tensor]:
+    """``step(features)``: the training step both sides time, as ``flowlib.engine.fit`` takes it.
+
+    ``loss_of(features)`` gives the scalar loss; then gradients are zeroed, the loss is back-propagated,
+    the gradients of ``params`` clipped to norm ``clip`` (when given), the optimiser and the scheduler (when
+    given) stepped. Returns the detached loss; reading its value is left to the caller, so a step makes
+    no read from the device of its own.
+    """
+    def step(feats: Any) -> torch.Tensor:
+        loss = loss_of(feats)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return loss.detach()
+
+    return step
+
+
 def measure_training(backbone: Callable[[], Any], step: Callable[[Any], Any], cached: Any, batch: int,
                      reps: int, device: torch.device) -> dict[str, Any]:
     """Time training steps: ``step(backbone())`` (live) or, with ``cached`` features, ``step(cached)``.
